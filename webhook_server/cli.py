@@ -1,0 +1,251 @@
+"""The `webhook-server` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from .config import ConfigError, Settings, settings_from_environment
+
+GUNICORN_CONFIG = "python:webhook_server.gunicorn_conf"
+APP_SPEC = "webhook_server:create_app()"
+
+
+def load_or_exit() -> Settings:
+    """The configuration, or a clear message naming each bad variable and exit status 2."""
+    try:
+        return settings_from_environment()
+    except ConfigError as exc:
+        click.echo(f"webhook-server: {exc}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="webhook-server")
+def main() -> None:
+    """Self-hosted webhook alert receiver."""
+
+
+def gunicorn_command(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, "--bind", f"{host}:{port}", APP_SPEC]
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+def web(host: str, port: int) -> None:
+    """Only the web half: Gunicorn with the app (sends nothing)."""
+    load_or_exit()
+    command = gunicorn_command(host, port)
+    os.execv(command[0], command)  # noqa: S606 - replace this process, so signals reach Gunicorn
+
+
+@main.command()
+def worker() -> None:
+    """Only the delivery worker: sends notifications for stored events."""
+    from .delivery import Worker
+    from .logs import configure_logging
+
+    settings = load_or_exit()
+    configure_logging(settings.log_level)
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    Worker(settings).run(stop)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+def serve(host: str, port: int) -> None:
+    """Everything on this host: Gunicorn with the app, and the delivery worker."""
+    settings = load_or_exit()
+    click.echo(
+        f"webhook-server: listening on http://{host}:{port} with sources {', '.join(sorted(settings.sources))};"
+        f" notifications go to {'email via ' + settings.smtp.host if settings.smtp else 'the log (no SMTP configured)'}",
+        err=True,
+    )
+    sys.exit(Supervisor(gunicorn_command(host, port), [sys.executable, "-m", "webhook_server", "worker"]).run())
+
+
+class Supervisor:
+    """Runs the web server and the worker as children; restarts the worker if it dies."""
+
+    def __init__(self, web_command: list[str], worker_command: list[str]) -> None:
+        self.web_command = web_command
+        self.worker_command = worker_command
+        self.stopping = False
+
+    def run(self) -> int:
+        web = subprocess.Popen(self.web_command)
+        worker = subprocess.Popen(self.worker_command)
+        children = [web, worker]
+
+        def _forward(signum: int, frame: FrameType | None) -> None:
+            self.stopping = True
+            for child in children:
+                if child.poll() is None:
+                    child.send_signal(signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, _forward)
+        while web.poll() is None:
+            if worker.poll() is not None and not self.stopping:
+                click.echo(f"webhook-server: worker exited ({worker.returncode}); restarting", err=True)
+                time.sleep(1)
+                worker = subprocess.Popen(self.worker_command)
+                children[1] = worker
+            time.sleep(0.2)
+        self.stopping = True
+        if worker.poll() is None:
+            worker.terminate()
+        worker.wait(timeout=30)
+        return web.returncode or 0
+
+
+ENV_TEMPLATE = """\
+# webhook-server configuration, written by `webhook-server init` on {date}.
+# Every variable is described in README.md. This file holds secrets: keep it private (mode 600).
+
+PARTICLE_WEBHOOK_SECRET={particle}
+WEBHOOK_SECRET={generic}
+FLASK_SECRET_KEY={flask}
+
+DATA_DIR=./data
+ALERT_TIMEZONE=UTC
+ALERT_COOLDOWN_SECONDS=60
+RATE_LIMIT=60/minute;20/second
+
+# Email and SMS: with neither SMTP_EMAIL nor SMTP_HOST set, notifications are written to the log.
+# SMTP_EMAIL=you@gmail.com
+# SMTP_PASSWORD=your-app-password
+# RECIPIENT_EMAIL=you@example.com,5551234567@vtext.com
+# DEVICE_NAMES=0123456789abcdef01234567:Storage unit 12
+"""
+
+
+@main.command()
+@click.option("--path", default=".env", show_default=True, type=click.Path(dir_okay=False))
+def init(path: str) -> None:
+    """Write a first .env with fresh secrets (never overwrites one)."""
+    values = {name: secrets.token_urlsafe(32) for name in ("particle", "generic", "flask")}
+    text = ENV_TEMPLATE.format(date=time.strftime("%Y-%m-%d"), **values)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        click.echo(f"webhook-server: {path} already exists; not overwriting it.", err=True)
+        sys.exit(1)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    click.echo(
+        f"Wrote {Path(path).resolve()} (mode 600) with fresh secrets. They are shown only this once:\n\n"
+        f"  PARTICLE_WEBHOOK_SECRET={values['particle']}\n"
+        f"  WEBHOOK_SECRET={values['generic']}\n\n"
+        "Start the server:         webhook-server serve\n"
+        "Send a first test event:  webhook-server send '{\"event\": \"motion\", \"data\": \"front door\"}'\n"
+        "Notifications go to the log until you set SMTP_EMAIL (or SMTP_HOST) and RECIPIENT_EMAIL."
+    )
+
+
+@main.command("gen-secret")
+@click.option("--bytes", "nbytes", default=32, show_default=True, type=click.IntRange(16, 256))
+def gen_secret(nbytes: int) -> None:
+    """Print a new high-entropy secret."""
+    click.echo(secrets.token_urlsafe(nbytes))
+
+
+@main.command()
+@click.option("--source", "source_name", default=None, help="Source to sign for (default: particle, else generic).")
+@click.option("--url", default="http://127.0.0.1:5000", show_default=True, help="The server's base URL.")
+@click.option("--timeout", default=10.0, show_default=True)
+@click.argument("payload", default="{}")
+def send(source_name: str | None, url: str, timeout: float, payload: str) -> None:
+    """Sign and send a test event the way the source's sender would."""
+    from .senders import send_test_event
+
+    settings = load_or_exit()
+    try:
+        document: Any = json.loads(payload)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="PAYLOAD") from None
+    name = source_name or ("particle" if "particle" in settings.sources else next(iter(sorted(settings.sources))))
+    if name not in settings.sources:
+        raise click.BadParameter(f"no enabled source named {name!r}", param_hint="--source")
+    status, body = send_test_event(settings.sources[name], url, document, timeout)
+    click.echo(f"{status} {body}")
+    sys.exit(0 if 200 <= status < 300 else 1)
+
+
+@main.command("check-config")
+def check_config() -> None:
+    """Validate the configuration and say what is wrong, without starting."""
+    settings = load_or_exit()
+    click.echo("Configuration is valid.")
+    for name, source in sorted(settings.sources.items()):
+        click.echo(f"  source {name}: {source.scheme}, {len(source.secrets)} secret(s)")
+    if settings.smtp:
+        smtp = settings.smtp
+        click.echo(f"  email: {smtp.host}:{smtp.port} ({smtp.security}) to {len(settings.recipients)} recipient(s)")
+    else:
+        click.echo("  email: not configured; notifications are written to the log")
+    click.echo(f"  store: {settings.database_path}")
+    click.echo(f"  rate limit: {settings.rate_limit} ({'redis' if settings.redis_url else 'shared SQLite counters'})")
+
+
+@main.group("dead-letters", invoke_without_command=True)
+@click.pass_context
+def dead_letters(ctx: click.Context) -> None:
+    """List (default) or replay deliveries that ran out of retries."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(dead_letters_list)
+
+
+def _queue() -> Any:
+    from .delivery import DeliveryQueue
+    from .store import Store
+
+    settings = load_or_exit()
+    return DeliveryQueue(Store(settings.database_path), settings)
+
+
+@dead_letters.command("list")
+def dead_letters_list() -> None:
+    """Show every dead letter."""
+    letters = _queue().dead_letters()
+    if not letters:
+        click.echo("No dead letters.")
+        return
+    click.echo(f"{'delivery':>8}  {'event':>8}  {'name':<20}  {'recipient':<32}  {'tries':>5}  last error")
+    for d in letters:
+        click.echo(
+            f"{d.delivery_id:>8}  {d.event_id:>8}  {d.event[:20]:<20}  {d.recipient[:32]:<32}  {d.tries:>5}  {d.last_error[:80]}"
+        )
+
+
+@dead_letters.command("replay")
+@click.argument("delivery_ids", nargs=-1, type=int)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+def dead_letters_replay(delivery_ids: tuple[int, ...], replay_all: bool) -> None:
+    """Queue dead letters again, as new deliveries."""
+    if bool(delivery_ids) == replay_all:
+        raise click.UsageError("give delivery ids, or --all")
+    count = _queue().replay(None if replay_all else list(delivery_ids))
+    click.echo(f"Replayed {count} dead letter(s).")
+    if delivery_ids and count < len(delivery_ids):
+        click.echo("Some ids were not dead letters; see `webhook-server dead-letters list`.", err=True)
+        sys.exit(1)

@@ -1,0 +1,124 @@
+"""Errors that map to a status, and the one JSON error shape: {"error": code, "message": text}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import math
+import time
+
+from flask import Flask, Response, current_app, jsonify
+from flask_limiter import RateLimitExceeded
+from werkzeug.exceptions import (
+    BadRequest,
+    Forbidden,
+    HTTPException,
+    InternalServerError,
+    NotFound,
+    RequestEntityTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+    UnprocessableEntity,
+    UnsupportedMediaType,
+)
+
+# Machine-readable codes for werkzeug's own exceptions.
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "schema_violation",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class MalformedBody(BadRequest):
+    code_name = "malformed_body"
+
+
+class BadCredentials(Unauthorized):
+    """Missing or wrong credentials. One message for every case: no hint of which part failed."""
+
+    code_name = "unauthorized"
+    description = "Missing or invalid credentials."
+
+
+class AddressNotAllowed(Forbidden):
+    code_name = "forbidden"
+    description = "This client address may not send to this source."
+
+
+class PayloadTooLarge(RequestEntityTooLarge):
+    code_name = "payload_too_large"
+
+
+class WrongContentType(UnsupportedMediaType):
+    code_name = "unsupported_media_type"
+
+
+class SchemaViolation(UnprocessableEntity):
+    """The body parsed but does not match the source's schema."""
+
+    code_name = "schema_violation"
+
+    def __init__(self, message: str, fields: list[str]) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
+class StoreUnavailable(ServiceUnavailable):
+    code_name = "unavailable"
+    description = "The event store cannot accept events right now; retry shortly."
+    retry_after = 5
+
+
+def error_response(error: HTTPException) -> Response:
+    """Render any HTTP exception in the one JSON error shape."""
+    status = error.code or 500
+    message = error.description or ""
+    if isinstance(error, RateLimitExceeded):
+        message = f"Rate limit exceeded ({message}); retry after the time in Retry-After."
+    body: dict[str, Any] = {"error": getattr(error, "code_name", CODES.get(status, "error")), "message": message}
+    if isinstance(error, SchemaViolation):
+        body["fields"] = error.fields
+    response = jsonify(body)
+    response.status_code = status
+    headers = error.get_headers()
+    for name, value in headers:
+        if name.lower() not in ("content-type", "content-length"):
+            response.headers[name] = value
+    if isinstance(error, Unauthorized):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="webhook-server"'
+    retry_after = getattr(error, "retry_after", None) or _rate_limit_reset(error)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def _rate_limit_reset(error: HTTPException) -> int | None:
+    """Seconds until the breached rate-limit window resets (at least 1)."""
+    if not isinstance(error, RateLimitExceeded):
+        return None
+    limiter = current_app.extensions.get("webhook_limiter")
+    current = limiter.current_limit if limiter else None
+    reset_at = current.reset_at if current else time.time() + 1
+    return max(1, math.ceil(reset_at - time.time()))
+
+
+def init_app(app: Flask) -> None:
+    """Every error, including 404/405 and anything unexpected, leaves as JSON."""
+
+    @app.errorhandler(HTTPException)
+    def _http(error: HTTPException) -> Response:
+        return error_response(error)
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        app.logger.exception("unhandled error", exc_info=error)
+        return error_response(InternalServerError("The server failed to handle this request."))

@@ -1,0 +1,26 @@
+"""Gunicorn settings for `webhook-server web` and `serve` (`gunicorn -c python:webhook_server.gunicorn_conf`)."""
+
+import os
+
+bind = os.environ.get("BIND", "127.0.0.1:5000")
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Threads, not sync workers: long-lived connections (keep-alive from Traefik, streams) would
+# otherwise hold a whole worker each.
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "8"))
+# Without reuse_port one gthread worker took every keep-alive connection in half the runs here.
+reuse_port = True
+# Gunicorn 27's control socket is shared by every Gunicorn on the machine; we do not use it.
+control_socket_disable = True
+# Particle gives up after 20 s: a request must finish well inside that, and a stop (SIGTERM)
+# lets in-flight requests finish for up to graceful_timeout before workers are killed.
+timeout = 30
+graceful_timeout = 20
+keepalive = 15
+# Our own JSON logs record every request; Gunicorn's access log would repeat them.
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 16384
