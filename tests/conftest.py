@@ -20,12 +20,36 @@ CORE_ID = "0123456789abcdef01234567"
 # Every setting the server reads: cleared for each test so a developer's shell or .env
 # cannot change what the tests see.
 SETTING_NAMES = (
-    "PARTICLE_WEBHOOK_SECRET", "WEBHOOK_SECRET", "SMTP_EMAIL", "SMTP_PASSWORD", "SMTP_HOST", "SMTP_PORT",
-    "SMTP_SECURITY", "RECIPIENT_EMAIL", "SMTP_CA_FILE", "DEVICE_NAMES", "ALERT_TIMEZONE", "FLASK_SECRET_KEY",
-    "DATA_DIR", "REDIS_URL", "SOURCES_FILE", "DISABLE_SYSTEM_INFO", "METRICS_TOKEN", "RATE_LIMIT",
-    "MAX_PAYLOAD_BYTES", "TRUSTED_PROXIES", "ALERT_COOLDOWN_SECONDS", "RETRY_BASE_SECONDS",
-    "RETRY_MAX_ATTEMPTS", "SUBSCRIBER_TOKENS", "SMTP_TIMEOUT", "DELIVERY_LEASE_SECONDS", "WORKER_POLL_SECONDS",
-    "LOG_LEVEL", "PROMETHEUS_MULTIPROC_DIR", "WEB_CONCURRENCY",
+    "PARTICLE_WEBHOOK_SECRET",
+    "WEBHOOK_SECRET",
+    "SMTP_EMAIL",
+    "SMTP_PASSWORD",
+    "SMTP_HOST",
+    "SMTP_PORT",
+    "SMTP_SECURITY",
+    "RECIPIENT_EMAIL",
+    "SMTP_CA_FILE",
+    "DEVICE_NAMES",
+    "ALERT_TIMEZONE",
+    "FLASK_SECRET_KEY",
+    "DATA_DIR",
+    "REDIS_URL",
+    "SOURCES_FILE",
+    "DISABLE_SYSTEM_INFO",
+    "METRICS_TOKEN",
+    "RATE_LIMIT",
+    "MAX_PAYLOAD_BYTES",
+    "TRUSTED_PROXIES",
+    "ALERT_COOLDOWN_SECONDS",
+    "RETRY_BASE_SECONDS",
+    "RETRY_MAX_ATTEMPTS",
+    "SUBSCRIBER_TOKENS",
+    "SMTP_TIMEOUT",
+    "DELIVERY_LEASE_SECONDS",
+    "WORKER_POLL_SECONDS",
+    "LOG_LEVEL",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "WEB_CONCURRENCY",
 )
 
 
@@ -72,7 +96,12 @@ def client(app: Flask) -> FlaskClient:
 
 
 def particle_event(**fields: Any) -> dict[str, Any]:
-    event = {"event": "motion", "data": "front door", "coreid": CORE_ID, "published_at": "2026-11-23T18:02:11.000Z"}
+    event = {
+        "event": "motion",
+        "data": "front door",
+        "coreid": CORE_ID,
+        "published_at": "2026-11-23T18:02:11.000Z",
+    }
     event.update(fields)
     return {k: v for k, v in event.items() if v is not ...}
 
@@ -86,7 +115,10 @@ def hub_signature(body: bytes, secret: str = WEBHOOK_SECRET, algorithm: str = "s
 
 
 def signed_headers(body: bytes, secret: str = WEBHOOK_SECRET, **extra: str) -> dict[str, str]:
-    headers = {"Content-Type": "application/json", "X-Hub-Signature-256": hub_signature(body, secret)}
+    headers = {
+        "Content-Type": "application/json",
+        "X-Hub-Signature-256": hub_signature(body, secret),
+    }
     headers.update(extra)
     return headers
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -45,7 +46,12 @@ class Server:
             args += ["--host", "127.0.0.1", "--port", str(self.port)]
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            args, cwd=self.workdir, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            cwd=self.workdir,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         if self.command in ("serve", "web"):
             self.wait_healthy(timeout)
@@ -70,10 +76,8 @@ class Server:
     def kill(self) -> None:
         """SIGKILL the whole process group: Gunicorn master, its workers and the delivery worker."""
         if self.process is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.process.wait(timeout=10)
             self.process = None
 

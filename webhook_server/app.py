@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import errors, health, logs, ratelimit, security, store, webhooks
+from . import errors, health, logs, metrics, openapi, ratelimit, security, store, webhooks
 from .config import settings_from_environment
 
 
@@ -31,7 +31,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     logs.init_app(app, settings.log_level)
     security.init_app(app, settings.trusted_proxies)
     store.init_app(app, settings.database_path)
+    metrics.init_app(app)  # before the rate limiter, so its timer sees 429s too
     ratelimit.init_app(app, ratelimit.storage_uri(settings.data_dir, settings.redis_url), webhooks.bp)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(openapi.bp)
     return app

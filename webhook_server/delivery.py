@@ -41,7 +41,7 @@ def epoch(iso: str) -> float:
 
 
 def backoff(settings: Settings, attempts: int) -> float:
-    """base, 2×base, 4×base ... capped at an hour, with ±20% jitter."""
+    """base, 2*base, 4*base ... capped at an hour, with ±20% jitter."""
     delay = min(settings.retry_base_seconds * 2 ** max(attempts - 1, 0), MAX_BACKOFF_SECONDS)
     return float(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter, not cryptography
 
@@ -86,9 +86,7 @@ class DeliveryQueue:
             return
         received = epoch(row["received_at"])
         key = (row["source"], row["event"], row["device"])
-        window = conn.execute(
-            "SELECT * FROM cooldowns WHERE source = ? AND event = ? AND device = ?", key
-        ).fetchone()
+        window = conn.execute("SELECT * FROM cooldowns WHERE source = ? AND event = ? AND device = ?", key).fetchone()
         if window is not None and received < window["closes_at"]:
             conn.execute(
                 "UPDATE cooldowns SET repeats = repeats + 1, last_event_id = ?"
@@ -104,7 +102,13 @@ class DeliveryQueue:
             conn.execute(
                 "INSERT INTO cooldowns (source, event, device, opened_at, closes_at, first_event_id,"
                 " last_event_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (*key, received, received + self.settings.alert_cooldown_seconds, row["id"], row["id"]),
+                (
+                    *key,
+                    received,
+                    received + self.settings.alert_cooldown_seconds,
+                    row["id"],
+                    row["id"],
+                ),
             )
 
     def close_windows(self, now: float | None = None) -> int:
@@ -131,7 +135,12 @@ class DeliveryQueue:
             source = self.settings.sources.get(window["source"])
             recipients = source.recipients if source is not None else None
             self._add_deliveries(
-                conn, window["last_event_id"], "summary", recipients, window["repeats"], window["opened_at"]
+                conn,
+                window["last_event_id"],
+                "summary",
+                recipients,
+                window["repeats"],
+                window["opened_at"],
             )
 
     def _add_deliveries(
@@ -160,8 +169,7 @@ class DeliveryQueue:
         now = time.time() if now is None else now
         conn = self.store.connection()
         due = conn.execute(
-            "SELECT 1 FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
-            " AND lease_until <= ? LIMIT 1",
+            "SELECT 1 FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ? AND lease_until <= ? LIMIT 1",
             (now, now),
         ).fetchone()
         if due is None:
@@ -173,13 +181,17 @@ class DeliveryQueue:
                 " AND lease_until <= ? ORDER BY next_attempt_at, id LIMIT ?) RETURNING *",
                 (now + self.settings.delivery_lease_seconds, now, now, limit),
             ).fetchall()
-            events = {
-                r["id"]: event_from_row(r)
-                for r in conn.execute(
-                    f"SELECT * FROM events WHERE id IN ({','.join('?' * len(rows))})",  # noqa: S608
-                    [row["event_id"] for row in rows],
-                )
-            } if rows else {}
+            events = (
+                {
+                    r["id"]: event_from_row(r)
+                    for r in conn.execute(
+                        f"SELECT * FROM events WHERE id IN ({','.join('?' * len(rows))})",  # noqa: S608
+                        [row["event_id"] for row in rows],
+                    )
+                }
+                if rows
+                else {}
+            )
         return [self._notification(row, events[row["event_id"]]) for row in rows]
 
     @staticmethod
@@ -198,8 +210,7 @@ class DeliveryQueue:
     def mark_sent(self, delivery_id: int) -> None:
         with self.store.transaction() as conn:
             conn.execute(
-                "UPDATE deliveries SET status = 'sent', sent_at = ?, lease_until = 0, last_error = NULL"
-                " WHERE id = ?",
+                "UPDATE deliveries SET status = 'sent', sent_at = ?, lease_until = 0, last_error = NULL WHERE id = ?",
                 (time.time(), delivery_id),
             )
 
@@ -209,8 +220,7 @@ class DeliveryQueue:
         dead = permanent or attempts >= self.settings.retry_max_attempts
         with self.store.transaction() as conn:
             conn.execute(
-                "UPDATE deliveries SET status = ?, next_attempt_at = ?, lease_until = 0, last_error = ?"
-                " WHERE id = ?",
+                "UPDATE deliveries SET status = ?, next_attempt_at = ?, lease_until = 0, last_error = ? WHERE id = ?",
                 (
                     "dead" if dead else "pending",
                     time.time() + (0 if dead else backoff(self.settings, attempts)),
@@ -223,10 +233,14 @@ class DeliveryQueue:
     # -- dead letters -------------------------------------------------------------------
 
     def dead_letters(self) -> list[DeadLetter]:
-        rows = self.store.connection().execute(
-            "SELECT d.id, d.event_id, e.event, d.channel, d.recipient, d.attempts, d.last_error"
-            " FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.status = 'dead' ORDER BY d.id"
-        ).fetchall()
+        rows = (
+            self.store.connection()
+            .execute(
+                "SELECT d.id, d.event_id, e.event, d.channel, d.recipient, d.attempts, d.last_error"
+                " FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.status = 'dead' ORDER BY d.id"
+            )
+            .fetchall()
+        )
         return [DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or "") for r in rows]
 
     def replay(self, delivery_ids: list[int] | None = None) -> int:
@@ -271,10 +285,16 @@ class Worker:
         try:
             notifier.send(notification)
         except DeliveryError as exc:
-            status = self.queue.mark_failed(notification, f"{type(exc).__name__}: {exc}", isinstance(exc, PermanentFailure))
+            status = self.queue.mark_failed(
+                notification, f"{type(exc).__name__}: {exc}", isinstance(exc, PermanentFailure)
+            )
             log.warning(
                 "delivery %s to %s failed (try %s): %s; now %s",
-                notification.delivery_id, notification.channel, notification.attempt, exc, status,
+                notification.delivery_id,
+                notification.channel,
+                notification.attempt,
+                exc,
+                status,
             )
             return status
         except Exception as exc:  # a notifier bug must not kill the worker; retry like a glitch

@@ -24,3 +24,18 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 limit_request_line = 8190
 limit_request_fields = 100
 limit_request_field_size = 16384
+
+
+# Prometheus multiprocess mode (webhook_server.metrics): clear the files an earlier run left,
+# and take a dead worker's live gauges out of the sums. Both do nothing without
+# PROMETHEUS_MULTIPROC_DIR (plain `gunicorn "webhook_server:create_app()"`).
+def on_starting(server: object) -> None:
+    from webhook_server.metrics import clear_stale_files
+
+    clear_stale_files()
+
+
+def child_exit(server: object, worker: object) -> None:
+    from webhook_server.metrics import child_exit as mark_dead
+
+    mark_dead(getattr(worker, "pid", 0))

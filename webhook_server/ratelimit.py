@@ -57,20 +57,26 @@ class SQLiteStorage(Storage):
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         now = time.time()
-        row = self._connection().execute(
-            "INSERT INTO counters (key, count, expires_at) VALUES (?, ?, ?)"
-            " ON CONFLICT(key) DO UPDATE SET"
-            "  count = CASE WHEN expires_at <= ? THEN excluded.count ELSE count + excluded.count END,"
-            "  expires_at = CASE WHEN expires_at <= ? THEN excluded.expires_at ELSE expires_at END"
-            " RETURNING count",
-            (key, amount, now + expiry, now, now),
-        ).fetchall()
+        row = (
+            self._connection()
+            .execute(
+                "INSERT INTO counters (key, count, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET"
+                "  count = CASE WHEN expires_at <= ? THEN excluded.count ELSE count + excluded.count END,"
+                "  expires_at = CASE WHEN expires_at <= ? THEN excluded.expires_at ELSE expires_at END"
+                " RETURNING count",
+                (key, amount, now + expiry, now, now),
+            )
+            .fetchall()
+        )
         return int(row[0][0])
 
     def get(self, key: str) -> int:
-        row = self._connection().execute(
-            "SELECT count FROM counters WHERE key = ? AND expires_at > ?", (key, time.time())
-        ).fetchone()
+        row = (
+            self._connection()
+            .execute("SELECT count FROM counters WHERE key = ? AND expires_at > ?", (key, time.time()))
+            .fetchone()
+        )
         return int(row[0]) if row else 0
 
     def get_expiry(self, key: str) -> float:

@@ -112,7 +112,12 @@ class Store:
     def connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout_ms / 1000)
+            conn = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=self.busy_timeout_ms / 1000,
+            )
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a process crash (kill -9); only an OS crash or
@@ -152,7 +157,15 @@ class Store:
         rows = conn.execute(
             "INSERT INTO events (source, dedupe_key, received_at, event, device, client_ip, payload)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
-            (source, dedupe_key, utc_now_iso(), event, device, client_ip, json.dumps(payload, ensure_ascii=False)),
+            (
+                source,
+                dedupe_key,
+                utc_now_iso(),
+                event,
+                device,
+                client_ip,
+                json.dumps(payload, ensure_ascii=False),
+            ),
         ).fetchall()
         if rows:
             return str(rows[0][0]), True
@@ -167,11 +180,15 @@ class Store:
 
     def counts(self) -> dict[str, int]:
         """Events accepted so far, deliveries waiting, and dead letters."""
-        row = self.connection().execute(
-            "SELECT (SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'events'),"
-            " (SELECT COUNT(*) FROM deliveries WHERE status = 'pending'),"
-            " (SELECT COUNT(*) FROM deliveries WHERE status = 'dead')"
-        ).fetchone()
+        row = (
+            self.connection()
+            .execute(
+                "SELECT (SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'events'),"
+                " (SELECT COUNT(*) FROM deliveries WHERE status = 'pending'),"
+                " (SELECT COUNT(*) FROM deliveries WHERE status = 'dead')"
+            )
+            .fetchone()
+        )
         return {"events_accepted": row[0], "deliveries_pending": row[1], "dead_letters": row[2]}
 
     def ping(self) -> bool:

@@ -1,0 +1,280 @@
+"""The delivery queue and worker, run synchronously (`Worker.run_once`) against a real SMTP sink."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import base_settings, bearer, particle_event
+from tests.smtpsink import SmtpSink
+from webhook_server import create_app
+from webhook_server.cli import main
+from webhook_server.config import load_settings
+from webhook_server.delivery import DeliveryQueue, Worker, backoff
+from webhook_server.store import Store
+
+
+def text_of(message: Any) -> str:
+    part = message.get_body(("plain",)) or message
+    return str(part.get_content())
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    with SmtpSink() as running:
+        yield running
+
+
+class Harness:
+    """An app to post events to and a worker to run, on the same store and settings."""
+
+    def __init__(self, tmp_path: Path, **overrides: Any) -> None:
+        self.env = base_settings(tmp_path, **{k: str(v) for k, v in overrides.items()})
+        self.settings = load_settings(self.env)
+        self.app = create_app(self.env)
+        self.client = self.app.test_client()
+        self.worker = Worker(self.settings, Store(self.settings.database_path))
+        self.queue: DeliveryQueue = self.worker.queue
+        self.published = 0
+
+    def post(self, **fields: Any) -> str:
+        self.published += 1
+        fields.setdefault("published_at", f"2026-11-23T18:02:{self.published % 60:02d}.{self.published:03d}Z")
+        response = self.client.post("/webhook/particle", data=particle_event(**fields), headers=bearer())
+        assert response.status_code == 202, response.json
+        return str(response.json["id"])
+
+    def drain(self, passes: int = 20) -> None:
+        for _ in range(passes):
+            if not self.worker.run_once():
+                return
+
+    def statuses(self) -> list[tuple[str, str, int]]:
+        rows = (
+            self.worker.store.connection()
+            .execute("SELECT status, recipient, attempts FROM deliveries ORDER BY id")
+            .fetchall()
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+
+@pytest.fixture
+def harness(tmp_path: Path, sink: SmtpSink) -> Callable[..., Harness]:
+    def make(**overrides: Any) -> Harness:
+        smtp = {
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": sink.port,
+            "SMTP_SECURITY": "none",
+            "SMTP_EMAIL": "alerts@example.com",
+            "RECIPIENT_EMAIL": "owner@example.com,5551234567@vtext.com",
+            "ALERT_COOLDOWN_SECONDS": 0,
+            "RETRY_BASE_SECONDS": 0.05,
+            "SMTP_TIMEOUT": 2,
+        }
+        smtp.update(overrides)
+        return Harness(tmp_path, **smtp)
+
+    return make
+
+
+def test_an_event_reaches_every_recipient_once(harness: Callable[..., Harness], sink: SmtpSink) -> None:
+    h = harness()
+    event_id = h.post(event="door-open", data="back door")
+    h.drain()
+    messages = sink.wait_for(2)
+    assert sorted(str(m["To"]) for m in messages) == ["5551234567@vtext.com", "owner@example.com"]
+    rich = next(m for m in messages if m["To"] == "owner@example.com")
+    assert "door-open" in str(rich["Subject"]) and event_id in text_of(rich)
+    sms = next(m for m in messages if m["To"] != "owner@example.com")
+    assert "door-open" in str(sms["Subject"]) + text_of(sms)
+    assert [s[0] for s in h.statuses()] == ["sent", "sent"]
+    h.drain()
+    assert len(sink.messages) == 2
+
+
+def test_sending_never_happens_on_the_request_path(harness: Callable[..., Harness], sink: SmtpSink) -> None:
+    h = harness()
+    h.post()
+    time.sleep(0.2)
+    assert sink.messages == []
+    assert [s[0] for s in h.statuses()] == []  # not even dispatched until the worker runs
+
+
+def test_repeats_inside_the_cooldown_fold_into_one_summary(harness: Callable[..., Harness], sink: SmtpSink) -> None:
+    h = harness(ALERT_COOLDOWN_SECONDS=1, RECIPIENT_EMAIL="owner@example.com")
+    for _ in range(6):
+        h.post(event="motion", data="hall")
+    h.drain()
+    assert len(sink.wait_for(1)) == 1
+    time.sleep(1.1)
+    h.drain()
+    messages = sink.wait_for(2)
+    assert len(messages) == 2
+    summary = messages[1]
+    text = str(summary["Subject"]) + text_of(summary)
+    assert "5" in text  # five repeats folded into the summary
+    # After the window closed, the next one is a new alert again.
+    h.post(event="motion", data="hall")
+    h.drain()
+    assert len(sink.wait_for(3)) == 3
+
+
+def test_cooldown_is_per_source_event_and_device(harness: Callable[..., Harness], sink: SmtpSink) -> None:
+    h = harness(ALERT_COOLDOWN_SECONDS=60, RECIPIENT_EMAIL="owner@example.com")
+    h.post(event="motion")
+    h.post(event="motion")
+    h.post(event="door")
+    h.post(event="motion", coreid="ffffffffffffffffffffffff")
+    h.drain()
+    assert len(sink.wait_for(3)) == 3
+    time.sleep(0.3)
+    assert len(sink.messages) == 3
+
+
+def test_cooldown_survives_a_restart(harness: Callable[..., Harness], sink: SmtpSink, tmp_path: Path) -> None:
+    h = harness(ALERT_COOLDOWN_SECONDS=60, RECIPIENT_EMAIL="owner@example.com")
+    h.post(event="motion")
+    h.drain()
+    restarted = Worker(h.settings, Store(h.settings.database_path))
+    h.post(event="motion")
+    restarted.run_once()
+    time.sleep(0.2)
+    assert len(sink.messages) == 1
+    window = restarted.store.connection().execute("SELECT repeats FROM cooldowns").fetchone()
+    assert window[0] == 1
+
+
+def test_temporary_failures_retry_with_backoff_then_dead_letter(
+    harness: Callable[..., Harness], sink: SmtpSink
+) -> None:
+    sink.refuse_code = 451
+    h = harness(RETRY_MAX_ATTEMPTS=3, RECIPIENT_EMAIL="owner@example.com")
+    h.post()
+    h.worker.run_once()
+    status, _, attempts = h.statuses()[0]
+    assert (status, attempts) == ("pending", 1)
+    next_at = h.worker.store.connection().execute("SELECT next_attempt_at FROM deliveries").fetchone()[0]
+    assert next_at > time.time()
+    for _ in range(40):
+        h.worker.run_once()
+        time.sleep(0.02)
+    assert h.statuses() == [("dead", "owner@example.com", 3)]
+    [letter] = h.queue.dead_letters()
+    assert letter.tries == 3 and "451" in letter.last_error
+
+
+def test_a_permanent_refusal_is_a_dead_letter_at_once_and_replay_sends_it(
+    harness: Callable[..., Harness], sink: SmtpSink
+) -> None:
+    sink.refuse_code = 550
+    h = harness(RECIPIENT_EMAIL="owner@example.com")
+    h.post()
+    h.worker.run_once()
+    assert h.statuses() == [("dead", "owner@example.com", 1)]
+    sink.refuse_code = None
+    assert h.queue.replay([h.queue.dead_letters()[0].delivery_id]) == 1
+    h.drain()
+    assert len(sink.wait_for(1)) == 1
+    assert h.queue.dead_letters() == []
+
+
+def test_one_bad_recipient_does_not_resend_to_the_others(harness: Callable[..., Harness], sink: SmtpSink) -> None:
+    h = harness(RECIPIENT_EMAIL="a@example.com,b@example.com")
+    h.post()
+    [first, second] = h.queue.dispatch() and h.queue.claim(2)
+    h.worker.deliver(first)
+    sink.refuse_code = 451
+    h.worker.deliver(second)
+    sink.refuse_code = None
+    for _ in range(30):
+        h.worker.run_once()
+        time.sleep(0.02)
+    recipients = [str(m["To"]) for m in sink.messages]
+    assert sorted(recipients) == ["a@example.com", "b@example.com"]
+
+
+def test_an_expired_lease_is_taken_over_with_the_same_message_id(
+    harness: Callable[..., Harness], sink: SmtpSink
+) -> None:
+    h = harness(RECIPIENT_EMAIL="owner@example.com", DELIVERY_LEASE_SECONDS=0.3)
+    h.post()
+    h.queue.dispatch()
+    [claimed] = h.queue.claim(1)  # a worker that then dies without finishing
+    assert h.queue.claim(1) == []  # leased: nobody else takes it
+    h.worker.deliver(claimed)  # the first worker did send before it died...
+    h.worker.store.connection().execute("UPDATE deliveries SET status = 'pending', lease_until = 0")
+    time.sleep(0.35)
+    other = Worker(h.settings, Store(h.settings.database_path))
+    other.run_once()
+    messages = sink.wait_for(2)
+    assert messages[0]["Message-ID"] == messages[1]["Message-ID"]
+
+
+def test_lease_expiry_after_a_crash_delivers(harness: Callable[..., Harness], sink: SmtpSink) -> None:
+    h = harness(RECIPIENT_EMAIL="owner@example.com", DELIVERY_LEASE_SECONDS=0.3)
+    h.post()
+    h.queue.dispatch()
+    assert len(h.queue.claim(1)) == 1  # claimed, then the process "dies"
+    h.worker.run_once()
+    assert sink.messages == []
+    time.sleep(0.35)
+    h.worker.run_once()
+    assert len(sink.wait_for(1)) == 1
+
+
+def test_without_smtp_notifications_go_to_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    h = Harness(tmp_path, ALERT_COOLDOWN_SECONDS=0)
+    caplog.set_level(logging.INFO)
+    h.post(event="door-open", data="garage")
+    h.drain()
+    assert h.statuses() == [("sent", "-", 1)]
+    assert any("door-open" in r.getMessage() and "garage" in r.getMessage() for r in caplog.records)
+
+
+def test_a_source_that_does_not_notify_creates_no_deliveries(tmp_path: Path) -> None:
+    (tmp_path / "sources.toml").write_text(
+        '[sources.quiet]\nscheme = "bearer"\nsecrets = ["QUIET_SECRET"]\nnotify = false\n'
+    )
+    h = Harness(tmp_path, SOURCES_FILE=tmp_path / "sources.toml", QUIET_SECRET="q" * 20)
+    response = h.client.post("/webhook/quiet", json={"a": 1}, headers={"Authorization": "Bearer " + "q" * 20})
+    assert response.status_code == 202
+    h.drain()
+    assert h.statuses() == []
+
+
+@pytest.mark.parametrize("attempts", [1, 2, 5, 20])
+def test_backoff_doubles_with_jitter_and_caps_at_an_hour(attempts: int, tmp_path: Path) -> None:
+    settings = load_settings(base_settings(tmp_path, RETRY_BASE_SECONDS="2"))
+    expected = min(2 * 2 ** (attempts - 1), 3600)
+    samples = [backoff(settings, attempts) for _ in range(200)]
+    assert min(samples) >= expected * 0.8 - 1e-9
+    assert max(samples) <= expected * 1.2 + 1e-9
+    assert max(samples) - min(samples) > 0  # jittered
+
+
+def test_dead_letters_cli_lists_and_replays(harness: Callable[..., Harness], sink: SmtpSink, tmp_path: Path) -> None:
+    sink.refuse_code = 550
+    h = harness(RECIPIENT_EMAIL="owner@example.com,other@example.com")
+    h.post(event="door-open")
+    h.drain()
+    env = {k: str(v) for k, v in h.env.items()}
+    runner = CliRunner()
+    listing = runner.invoke(main, ["dead-letters", "list"], env=env)
+    assert listing.exit_code == 0, listing.output
+    assert "door-open" in listing.output and "owner@example.com" in listing.output and "550" in listing.output
+    bad = runner.invoke(main, ["dead-letters", "replay"], env=env)
+    assert bad.exit_code != 0
+    missing = runner.invoke(main, ["dead-letters", "replay", "9999"], env=env)
+    assert missing.exit_code == 1
+    sink.refuse_code = None
+    replay = runner.invoke(main, ["dead-letters", "replay", "--all"], env=env)
+    assert replay.exit_code == 0 and "Replayed 2" in replay.output
+    h.drain()
+    assert len(sink.wait_for(2)) == 2
+    assert "No dead letters" in runner.invoke(main, ["dead-letters"], env=env).output
