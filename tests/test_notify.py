@@ -69,9 +69,7 @@ def make_event(**changes: Any) -> StoredEvent:
     return StoredEvent(**fields)
 
 
-def note(
-    event: StoredEvent | None = None, channel: str = "email", recipient: str = EMAIL, **kw: Any
-) -> Notification:
+def note(event: StoredEvent | None = None, channel: str = "email", recipient: str = EMAIL, **kw: Any) -> Notification:
     return Notification(
         delivery_id=kw.pop("delivery_id", 7),
         event=event or make_event(),
@@ -91,9 +89,7 @@ def make_settings(tmp_path: Path, sink: SmtpSink | None = None, **env: str | Non
         "ALERT_TIMEZONE": "America/New_York",
     }
     if sink is not None:
-        values.update(
-            SMTP_HOST="127.0.0.1", SMTP_PORT=str(sink.port), SMTP_SECURITY="none", SMTP_TIMEOUT="5"
-        )
+        values.update(SMTP_HOST="127.0.0.1", SMTP_PORT=str(sink.port), SMTP_SECURITY="none", SMTP_TIMEOUT="5")
     values.update(env)
     return load_settings({k: v for k, v in values.items() if v is not None})
 
@@ -164,9 +160,7 @@ def test_starttls_with_a_private_ca(tmp_path: Path, cert: tuple[str, str]) -> No
         assert sink.wait_for(1)[0]["Subject"] == "Alert: motion on Storage unit 12"
 
 
-def test_starttls_with_an_untrusted_certificate_is_temporary(
-    tmp_path: Path, cert: tuple[str, str]
-) -> None:
+def test_starttls_with_an_untrusted_certificate_is_temporary(tmp_path: Path, cert: tuple[str, str]) -> None:
     with SmtpSink(starttls_cert=cert) as sink:
         settings = make_settings(tmp_path, sink, SMTP_SECURITY="starttls")
         with pytest.raises(TemporaryFailure, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
@@ -174,9 +168,7 @@ def test_starttls_with_an_untrusted_certificate_is_temporary(
         assert sink.messages == []
 
 
-def test_plain_client_against_a_server_requiring_starttls_is_refused(
-    tmp_path: Path, cert: tuple[str, str]
-) -> None:
+def test_plain_client_against_a_server_requiring_starttls_is_refused(tmp_path: Path, cert: tuple[str, str]) -> None:
     with SmtpSink(starttls_cert=cert) as sink:
         with pytest.raises(PermanentFailure, match="530"):
             EmailNotifier(make_settings(tmp_path, sink)).send(note())
@@ -219,9 +211,7 @@ def test_auth_refused_is_permanent_and_quick(tmp_path: Path, password: str | Non
 
 
 def test_rich_email_shows_every_field_escaped(sink: SmtpSink, settings: Settings) -> None:
-    event = make_event(
-        payload={"data": "<script>alert('x')</script>", "fw_version": "42", "public": "false"}
-    )
+    event = make_event(payload={"data": "<script>alert('x')</script>", "fw_version": "42", "public": "false"})
     EmailNotifier(settings).send(note(event))
     message = sink.wait_for(1)[0]
     assert message.get_content_type() == "multipart/alternative"
@@ -243,9 +233,7 @@ def test_rich_email_shows_every_field_escaped(sink: SmtpSink, settings: Settings
         assert external not in page
 
 
-def test_summary_subject_counts_repeats_in_the_alert_zone(
-    sink: SmtpSink, settings: Settings
-) -> None:
+def test_summary_subject_counts_repeats_in_the_alert_zone(sink: SmtpSink, settings: Settings) -> None:
     EmailNotifier(settings).send(note(kind="summary", repeats=37, window_start=WINDOW_START))
     message = sink.wait_for(1)[0]
     assert message["Subject"] == "Summary: motion on Storage unit 12 — 37 more since 13:00"
@@ -261,9 +249,7 @@ def test_device_name_lookup_ignores_case_and_falls_back(tmp_path: Path) -> None:
     subject = render_email(note(other, recipient="-"), settings)["Subject"]
     assert subject == "Alert: motion on ffffffffffffffffffffffff"
     unnamed = make_event(device="", event="", source="github", payload={"zen": "hi"})
-    assert render_email(note(unnamed, recipient="-"), settings)["Subject"] == (
-        "Alert: event on github"
-    )
+    assert render_email(note(unnamed, recipient="-"), settings)["Subject"] == ("Alert: event on github")
 
 
 @pytest.mark.parametrize(
@@ -358,17 +344,14 @@ def test_summary_sms_carries_the_count(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("hostile", INJECTIONS)
 @pytest.mark.parametrize("channel", ["email", "sms"])
-def test_webhook_text_never_reaches_a_header(
-    sink: SmtpSink, settings: Settings, hostile: str, channel: str
-) -> None:
-    event = make_event(
-        event=hostile, device=hostile, payload={"event": hostile, "data": hostile, hostile: hostile}
-    )
+def test_webhook_text_never_reaches_a_header(sink: SmtpSink, settings: Settings, hostile: str, channel: str) -> None:
+    event = make_event(event=hostile, device=hostile, payload={"event": hostile, "data": hostile, hostile: hostile})
     recipient = SMS if channel == "sms" else EMAIL
     EmailNotifier(settings).send(note(event, channel, recipient))
     message = sink.wait_for(1)[0]
     assert [rcpts for _, rcpts, _ in sink.envelopes] == [[recipient]]
     expected = {"From", "To", "Date", "Message-ID", "Auto-Submitted", "MIME-Version"}
+    expected |= {"X-Webhook-Event-Id", "X-Webhook-Delivery-Id"}
     expected |= {"Content-Type", "Content-Transfer-Encoding"}
     headers = set(message.keys())
     assert headers - {"Subject"} <= expected and "Bcc" not in headers
@@ -383,9 +366,7 @@ def test_webhook_text_never_reaches_a_header(
     "recipient",
     [f"{EMAIL}\r\nBcc: evil@example.com", f"{EMAIL}, evil@example.com", "no-at-sign", "a b@c.com"],
 )
-def test_a_bad_recipient_is_refused_before_connecting(
-    sink: SmtpSink, settings: Settings, recipient: str
-) -> None:
+def test_a_bad_recipient_is_refused_before_connecting(sink: SmtpSink, settings: Settings, recipient: str) -> None:
     with pytest.raises(PermanentFailure, match="address"):
         EmailNotifier(settings).send(note(recipient=recipient))
     assert sink.envelopes == []
@@ -472,9 +453,7 @@ def raw_server() -> Iterator[Callable[[bytes], int]]:
     "greeting",
     [b"", b"554 no service here\r\n", b"421 too busy\r\n", b"garbage without a code\r\n"],
 )
-def test_a_broken_server_is_temporary(
-    tmp_path: Path, raw_server: Callable[[bytes], int], greeting: bytes
-) -> None:
+def test_a_broken_server_is_temporary(tmp_path: Path, raw_server: Callable[[bytes], int], greeting: bytes) -> None:
     port = raw_server(greeting)
     settings = make_settings(tmp_path, SMTP_HOST="127.0.0.1", SMTP_PORT=str(port), SMTP_TIMEOUT="1")
     with pytest.raises(TemporaryFailure):
@@ -542,9 +521,7 @@ def test_log_notifier_writes_one_record(tmp_path: Path, caplog: pytest.LogCaptur
     assert "Storage unit 12" in record.getMessage()
 
 
-def test_log_notifier_uses_the_sms_text_for_a_gateway(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_log_notifier_uses_the_sms_text_for_a_gateway(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = make_settings(tmp_path)
     with caplog.at_level(logging.WARNING, logger="webhook_server.notify"):
         LogNotifier(settings).send(note(channel="log", recipient=SMS))
@@ -554,9 +531,7 @@ def test_log_notifier_uses_the_sms_text_for_a_gateway(
 
 
 @pytest.mark.parametrize("hostile", INJECTIONS)
-def test_log_notifier_never_raises(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, hostile: str
-) -> None:
+def test_log_notifier_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture, hostile: str) -> None:
     settings = make_settings(tmp_path)
     event = make_event(event=hostile, device=hostile, payload={"data": hostile, "x": [hostile]})
     with caplog.at_level(logging.WARNING, logger="webhook_server.notify"):

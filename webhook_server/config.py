@@ -7,6 +7,7 @@ problem by variable name. Values are never echoed in messages, as they may be se
 from __future__ import annotations
 
 import os
+import re
 import socket
 import zoneinfo
 from collections.abc import Callable, Mapping
@@ -117,7 +118,8 @@ class _Reader:
             except (OSError, UnicodeDecodeError) as exc:
                 self.problems.append(f"{name}_FILE cannot be read ({type(exc).__name__})")
                 return None
-            return text[:-1] if text.endswith("\n") else text
+            # One trailing line break, as editors and `echo` leave (LF, or CRLF from Windows).
+            return text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
         return value if value != "" else None
 
     def secret(self, name: str) -> str | None:
@@ -138,11 +140,14 @@ class _Reader:
 
 
 def check_secret(name: str, value: str, problems: list[str]) -> None:
-    """Secrets must be long and free of whitespace and control characters."""
+    """Secrets must be long and free of control characters.
+
+    Inner spaces are allowed: GitHub's own example secret is "It's a Secret to Everybody".
+    """
     if len(value) < MIN_SECRET_LENGTH:
         problems.append(f"{name} must be at least {MIN_SECRET_LENGTH} characters")
-    elif any(ch.isspace() or ord(ch) < 32 for ch in value):
-        problems.append(f"{name} must not contain whitespace or control characters")
+    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        problems.append(f"{name} must not contain control characters")
 
 
 def _bool(value: str) -> bool:
@@ -183,7 +188,10 @@ def _positive_float(value: str) -> float:
 
 
 def _timezone(value: str) -> str:
-    zoneinfo.ZoneInfo(value)
+    try:
+        zoneinfo.ZoneInfo(value)
+    except OSError:  # "America" is a directory, a very long name is too long for a path
+        raise ValueError("not a time zone") from None
     return value
 
 
@@ -195,7 +203,7 @@ def _rate_limit(value: str) -> str:
 
 def _email_address(value: str) -> str:
     local, at, domain = value.partition("@")
-    if not (local and at and "." in domain) or any(c.isspace() or c in "<>,;\"" for c in value):
+    if not (local and at and "." in domain) or any(c.isspace() or c in '<>,;"' for c in value):
         raise ValueError("not an email address")
     return value
 
@@ -238,7 +246,7 @@ def _subscriber_tokens(reader: _Reader) -> dict[str, frozenset[str]]:
 
 def _smtp(reader: _Reader) -> SmtpSettings | None:
     email = reader.parsed("SMTP_EMAIL", None, _email_address, "an email address")
-    host = reader.raw("SMTP_HOST")
+    host = reader.parsed("SMTP_HOST", None, _host, "a host name or IP address")
     security = reader.parsed("SMTP_SECURITY", "starttls", _security, "starttls, ssl or none")
     port = reader.parsed("SMTP_PORT", SECURITY_PORTS[security], _port, "a port number (1-65535)")
     password = reader.secret("SMTP_PASSWORD")
@@ -262,6 +270,12 @@ def _smtp(reader: _Reader) -> SmtpSettings | None:
     )
 
 
+def _host(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._:\[\]-]{1,253}", value):
+        raise ValueError("not a host name")
+    return value
+
+
 def _security(value: str) -> str:
     if value.lower() not in SECURITY_PORTS:
         raise ValueError(value)
@@ -278,7 +292,9 @@ def _port(value: str) -> int:
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Validate `env` (see `read_environment`) into `Settings`, or raise `ConfigError`."""
     reader = _Reader(env)
-    rate_limit = reader.parsed("RATE_LIMIT", "60/minute;20/second", _rate_limit, "a rate limit such as 60/minute;20/second")
+    rate_limit = reader.parsed(
+        "RATE_LIMIT", "60/minute;20/second", _rate_limit, "a rate limit such as 60/minute;20/second"
+    )
     max_payload = reader.parsed("MAX_PAYLOAD_BYTES", 1048576, _positive_int, "a positive whole number")
     sources = builtin_sources(
         particle_secret=reader.secret("PARTICLE_WEBHOOK_SECRET"),
@@ -310,11 +326,15 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         rate_limit=rate_limit,
         max_payload_bytes=max_payload,
         trusted_proxies=reader.parsed("TRUSTED_PROXIES", 0, _non_negative_int, "a whole number (0 or more)"),
-        alert_cooldown_seconds=reader.parsed("ALERT_COOLDOWN_SECONDS", 60.0, _non_negative_float, "a number of seconds"),
+        alert_cooldown_seconds=reader.parsed(
+            "ALERT_COOLDOWN_SECONDS", 60.0, _non_negative_float, "a number of seconds"
+        ),
         retry_base_seconds=reader.parsed("RETRY_BASE_SECONDS", 2.0, _positive_float, "a positive number of seconds"),
         retry_max_attempts=reader.parsed("RETRY_MAX_ATTEMPTS", 12, _positive_int, "a positive whole number"),
         subscriber_tokens=_subscriber_tokens(reader),
-        delivery_lease_seconds=reader.parsed("DELIVERY_LEASE_SECONDS", 60.0, _positive_float, "a positive number of seconds"),
+        delivery_lease_seconds=reader.parsed(
+            "DELIVERY_LEASE_SECONDS", 60.0, _positive_float, "a positive number of seconds"
+        ),
         worker_poll_seconds=reader.parsed("WORKER_POLL_SECONDS", 0.2, _positive_float, "a positive number of seconds"),
         log_level=reader.parsed("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     )

@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from .config import Settings
+from .metrics import record_delivery
 from .notify import DeliveryError, Notification, Notifier, PermanentFailure, notifiers, targets
 from .store import Store, event_from_row
 
@@ -288,6 +289,7 @@ class Worker:
             status = self.queue.mark_failed(
                 notification, f"{type(exc).__name__}: {exc}", isinstance(exc, PermanentFailure)
             )
+            record_delivery(notification.channel, "retry" if status == "pending" else "dead")
             log.warning(
                 "delivery %s to %s failed (try %s): %s; now %s",
                 notification.delivery_id,
@@ -299,8 +301,11 @@ class Worker:
             return status
         except Exception as exc:  # a notifier bug must not kill the worker; retry like a glitch
             log.exception("delivery %s: unexpected error", notification.delivery_id)
-            return self.queue.mark_failed(notification, f"{type(exc).__name__}: {exc}", False)
+            status = self.queue.mark_failed(notification, f"{type(exc).__name__}: {exc}", False)
+            record_delivery(notification.channel, "retry" if status == "pending" else "dead")
+            return status
         self.queue.mark_sent(notification.delivery_id)
+        record_delivery(notification.channel, "sent", time.time() - epoch(notification.event.received_at))
         return "sent"
 
     def run(self, stop: threading.Event) -> None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
 import time
+from typing import Any
 
 from flask import Flask, Response, current_app, jsonify
 from flask_limiter import RateLimitExceeded
@@ -14,7 +13,6 @@ from werkzeug.exceptions import (
     Forbidden,
     HTTPException,
     InternalServerError,
-    NotFound,
     RequestEntityTooLarge,
     ServiceUnavailable,
     Unauthorized,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
 from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
 from werkzeug.datastructures import Headers
 from werkzeug.http import parse_options_header
 
@@ -47,10 +50,18 @@ def _text(body: bytes) -> str:
         raise MalformedBody("The body is not valid UTF-8.") from None
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 is valid JSON but becomes inf, which would be stored and sent on as `Infinity`.
+    value = float(text)
+    if not math.isfinite(value):
+        raise MalformedBody("JSON contains a number out of range.")
+    return value
+
+
 def parse_json(body: bytes) -> Any:
-    """Strict JSON: UTF-8, no NaN or Infinity, bounded depth, no lone surrogates."""
+    """Strict JSON: UTF-8, finite numbers, bounded depth, no lone surrogates or NULs."""
     try:
-        value = json.loads(_text(body), parse_constant=_reject_constant)
+        value = json.loads(_text(body), parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise MalformedBody(f"JSON is nested deeper than {MAX_DEPTH} levels.") from None
     except ValueError as exc:
@@ -91,7 +102,13 @@ def _check_text(text: str) -> None:
 def parse_form(body: bytes) -> dict[str, str]:
     """A form body as a flat dict; a repeated field is malformed."""
     try:
-        pairs = parse_qsl(_text(body), keep_blank_values=True, strict_parsing=bool(body), max_num_fields=MAX_FORM_FIELDS, errors="strict")
+        pairs = parse_qsl(
+            _text(body),
+            keep_blank_values=True,
+            strict_parsing=bool(body),
+            max_num_fields=MAX_FORM_FIELDS,
+            errors="strict",
+        )
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedBody(f"The form body is malformed: {type(exc).__name__}.") from None
     form: dict[str, str] = {}
@@ -103,14 +120,11 @@ def parse_form(body: bytes) -> dict[str, str]:
     return form
 
 
-def validate(validator: Draft202012Validator | None, payload: Any) -> None:
+def validate(validator: Draft202012Validator | None, payload: Any, particle: bool = False) -> None:
     """422 with the failing fields as JSON Pointers."""
-    if validator is None:
-        return
-    errors = sorted(validator.iter_errors(payload), key=lambda e: list(e.absolute_path))
-    if not errors:
-        return
-    fields = []
+    errors = sorted(validator.iter_errors(payload), key=lambda e: list(e.absolute_path)) if validator else []
+    fields: list[str] = []
+    messages = [_message(e) for e in errors[:5]]
     for error in errors:
         path = list(error.absolute_path)
         if error.validator == "required" and isinstance(error.instance, dict):
@@ -118,8 +132,37 @@ def validate(validator: Draft202012Validator | None, payload: Any) -> None:
             fields.extend(_pointer([*path, name]) for name in missing)
         else:
             fields.append(_pointer(path))
-    fields = list(dict.fromkeys(fields))
-    raise SchemaViolation("The payload does not match the schema: " + "; ".join(e.message[:200] for e in errors[:5]), fields)
+    # The schema checks the shape; this checks that the date exists (no month 13, no 24:00).
+    if (
+        particle
+        and isinstance(payload, dict)
+        and "/published_at" not in fields
+        and not _real_time(payload.get("published_at"))
+    ):
+        fields.append("/published_at")
+        messages.append("published_at is not an ISO 8601 date and time")
+    if not fields:
+        return
+    fields = sorted(dict.fromkeys(fields))
+    raise SchemaViolation("The payload does not match the schema: " + "; ".join(messages), fields)
+
+
+def _message(error: ValidationError) -> str:
+    if error.validator == "pattern":
+        # The schema's pattern as compiled for Python (see sources.ecma_pattern) would confuse.
+        where = _pointer(list(error.absolute_path)) or "the body"
+        return f"{where} is not in the expected format"
+    return str(error.message[:200])
+
+
+def _real_time(value: Any) -> bool:
+    if not isinstance(value, str):
+        return True  # missing or of the wrong type: the schema reports it
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _pointer(path: list[Any]) -> str:

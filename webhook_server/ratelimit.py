@@ -31,7 +31,7 @@ class SQLiteStorage(Storage):
 
     STORAGE_SCHEME = ["sqlite"]
 
-    def __init__(self, uri: str, wrap_exceptions: bool = False, **options: object) -> None:
+    def __init__(self, uri: str, wrap_exceptions: bool = False, **options: float | str | bool) -> None:
         self.path = Path(unquote(urlparse(uri).path))
         self._local = threading.local()
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)

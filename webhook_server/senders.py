@@ -53,7 +53,9 @@ def _shopify(secret: str, body: bytes) -> dict[str, str]:
 
 SIGNERS: dict[str, Callable[[Source], Signer]] = {
     "bearer": lambda source: lambda secret, body: {"Authorization": f"Bearer {secret}"},
-    "basic": lambda source: lambda secret, body: {"Authorization": "Basic " + base64.b64encode(secret.encode()).decode()},
+    "basic": lambda source: (
+        lambda secret, body: {"Authorization": "Basic " + base64.b64encode(secret.encode()).decode()}
+    ),
     "hmac-sha256": _hub("sha256", "X-Hub-Signature-256"),
     "hmac-sha1": _hub("sha1", "X-Hub-Signature"),
     "hmac-sha512": _hub("sha512", "X-Hub-Signature-512"),

@@ -6,6 +6,8 @@ The two built-in sources come from the environment; more are declared in a TOML 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import json
 import re
@@ -26,19 +28,48 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # these gets the short plain-text form.
 SMS_GATEWAY_DOMAINS = frozenset(
     {
-        "vtext.com", "vzwpix.com", "txt.att.net", "mms.att.net", "tmomail.net",
-        "messaging.sprintpcs.com", "pm.sprint.com", "msg.fi.google.com", "sms.myboostmobile.com",
-        "myboostmobile.com", "sms.cricketwireless.net", "mms.cricketwireless.net",
-        "email.uscc.net", "vmobl.com", "mymetropcs.com", "text.republicwireless.com",
-        "mailmymobile.net", "sms.rogers.com", "txt.bell.ca", "msg.telus.com", "txt.freedommobile.ca",
-        "pcs.rogers.com", "txt.bellmobility.ca", "sms.alltelwireless.com", "message.ting.com",
-        "textmsg.uscellular.com", "mmst5.tracfone.com", "cspire1.com", "sms.ntwls.net",
+        "vtext.com",
+        "vzwpix.com",
+        "txt.att.net",
+        "mms.att.net",
+        "tmomail.net",
+        "messaging.sprintpcs.com",
+        "pm.sprint.com",
+        "msg.fi.google.com",
+        "sms.myboostmobile.com",
+        "myboostmobile.com",
+        "sms.cricketwireless.net",
+        "mms.cricketwireless.net",
+        "email.uscc.net",
+        "vmobl.com",
+        "mymetropcs.com",
+        "text.republicwireless.com",
+        "mailmymobile.net",
+        "sms.rogers.com",
+        "txt.bell.ca",
+        "msg.telus.com",
+        "txt.freedommobile.ca",
+        "pcs.rogers.com",
+        "txt.bellmobility.ca",
+        "sms.alltelwireless.com",
+        "message.ting.com",
+        "textmsg.uscellular.com",
+        "mmst5.tracfone.com",
+        "cspire1.com",
+        "sms.ntwls.net",
     }
 )
 
 SCHEMES = (
-    "bearer", "basic", "hmac-sha256", "hmac-sha1", "hmac-sha512",
-    "standard-webhooks", "stripe", "slack", "shopify",
+    "bearer",
+    "basic",
+    "hmac-sha256",
+    "hmac-sha1",
+    "hmac-sha512",
+    "standard-webhooks",
+    "stripe",
+    "slack",
+    "shopify",
 )
 RESERVED_NAMES = frozenset({"particle", "generic"})
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -77,9 +108,54 @@ def packaged_validator(name: str) -> Draft202012Validator:
     return _validator(json.loads(text))
 
 
+def ecma_pattern(pattern: str) -> str:
+    """`pattern` with each bare `$` made `\\Z`: in JSON Schema (ECMA-262) `$` is the end of the
+    text, in Python it also matches before a final newline, so "api\\n" would pass "^api$"."""
+    out: list[str] = []
+    escaped = in_class = False
+    for ch in pattern:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "[":
+            in_class = True
+        elif ch == "]":
+            in_class = False
+        elif ch == "$" and not in_class:
+            out.append("\\Z")
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
+# Keywords whose values are data, not schemas: a "pattern" key inside them is left alone.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
+
+
+def _python_patterns(schema: Any) -> Any:
+    """A copy of `schema` whose `pattern`/`patternProperties` regexes mean in Python what they
+    mean in JSON Schema."""
+    if isinstance(schema, list):
+        return [_python_patterns(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    copy: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key == "pattern" and isinstance(value, str):
+            copy[key] = ecma_pattern(value)
+        elif key == "patternProperties" and isinstance(value, dict):
+            copy[key] = {ecma_pattern(k): _python_patterns(v) for k, v in value.items()}
+        elif key in _DATA_KEYWORDS:
+            copy[key] = value
+        else:
+            copy[key] = _python_patterns(value)
+    return copy
+
+
 def _validator(schema: dict[str, Any]) -> Draft202012Validator:
     Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return Draft202012Validator(_python_patterns(schema), format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
 def builtin_sources(particle_secret: str | None, webhook_secret: str | None) -> dict[str, Source]:
@@ -87,12 +163,17 @@ def builtin_sources(particle_secret: str | None, webhook_secret: str | None) -> 
     sources: dict[str, Source] = {}
     if particle_secret:
         sources["particle"] = Source(
-            name="particle", scheme="bearer", secrets=(particle_secret,), parser="particle",
+            name="particle",
+            scheme="bearer",
+            secrets=(particle_secret,),
+            parser="particle",
             validator=packaged_validator("particle.json"),
         )
     if webhook_secret:
         sources["generic"] = Source(
-            name="generic", scheme="hmac-sha256", secrets=(webhook_secret,),
+            name="generic",
+            scheme="hmac-sha256",
+            secrets=(webhook_secret,),
             validator=packaged_validator("generic.json"),
         )
     return sources
@@ -107,8 +188,12 @@ def load_sources_file(
     """Parse a SOURCES_FILE; secrets are named environment variables, read through `raw`."""
     try:
         document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        problems.append(f"SOURCES_FILE cannot be read: {type(exc).__name__}: {exc}")
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"SOURCES_FILE cannot be read ({type(exc).__name__})")
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        # The parser's message gives the line and column, never the text there.
+        problems.append(f"SOURCES_FILE is not valid TOML: {exc}")
         return {}
     table = document.get("sources")
     if not isinstance(table, dict) or not table:
@@ -130,7 +215,17 @@ def load_sources_file(
 
 
 KNOWN_KEYS = frozenset(
-    {"scheme", "secrets", "schema", "allow", "rate_limit", "max_payload_bytes", "recipients", "notify", "signature_header"}
+    {
+        "scheme",
+        "secrets",
+        "schema",
+        "allow",
+        "rate_limit",
+        "max_payload_bytes",
+        "recipients",
+        "notify",
+        "signature_header",
+    }
 )
 
 
@@ -164,6 +259,8 @@ def _source_from_spec(
             problems.append(f"{where}: secret variable {variable} is not set")
         else:
             check_secret(variable, value, problems)
+            if scheme == "standard-webhooks" and not _standard_webhooks_secret(value):
+                problems.append(f"{where}: secret variable {variable} must be whsec_ followed by base64")
             secrets.append(value)
     validator = _spec_validator(spec.get("schema"), base, problems, where)
     allow = _spec_allow(spec.get("allow", []), problems, where)
@@ -174,7 +271,9 @@ def _source_from_spec(
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         problems.append(f"{where}: max_payload_bytes must be a positive whole number")
     recipients = spec.get("recipients")
-    if recipients is not None and (not isinstance(recipients, list) or not all(isinstance(r, str) and "@" in r for r in recipients)):
+    if recipients is not None and (
+        not isinstance(recipients, list) or not all(isinstance(r, str) and "@" in r for r in recipients)
+    ):
         problems.append(f"{where}: recipients must be a list of email addresses")
     notify = spec.get("notify", True)
     if not isinstance(notify, bool):
@@ -185,11 +284,26 @@ def _source_from_spec(
     if len(problems) > before:
         return None
     return Source(
-        name=name, scheme=str(scheme), secrets=tuple(secrets), validator=validator, allow=allow,
-        rate_limit=rate_limit, max_payload_bytes=limit,
+        name=name,
+        scheme=str(scheme),
+        secrets=tuple(secrets),
+        validator=validator,
+        allow=allow,
+        rate_limit=rate_limit,
+        max_payload_bytes=limit,
         recipients=tuple(recipients) if recipients is not None else None,
-        notify=notify, signature_header=header,
+        notify=notify,
+        signature_header=header,
     )
+
+
+def _standard_webhooks_secret(value: str) -> bool:
+    """`whsec_<base64>`: anything else would be decoded into some other key and never match."""
+    encoded = value.removeprefix("whsec_")
+    try:
+        return bool(base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True))
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _valid_rate(value: str) -> bool:

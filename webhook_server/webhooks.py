@@ -10,7 +10,9 @@ import sqlite3
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
+from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import Rule
 
 from . import parsing
 from .auth import DELIVERY_ID_HEADERS, authenticate
@@ -22,7 +24,18 @@ from .store import get_store
 bp = Blueprint("webhooks", __name__)
 
 # Every method reaches the view, so an unknown source is a 404 before a wrong method is a 405.
-ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+# OPTIONS is listed too, or Flask would answer it itself with 200 even for an unknown source.
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+@bp.record_once
+def _any_method(state: BlueprintSetupState) -> None:
+    """The same rules without a method list, which Werkzeug matches for any method (TRACE,
+    PROPFIND, ...): Flask's own rules always list theirs, and routing would answer 405."""
+    state.app.url_map.add(Rule("/webhook", endpoint="webhooks.receive_generic", defaults={"name": "generic"}))
+    state.app.url_map.add(Rule("/webhook/<name>", endpoint="webhooks.receive"))
+
+
 MAX_NAME_LENGTH = 200
 
 
@@ -59,7 +72,17 @@ def read_body(limit: int) -> bytes:
     """
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
-    body = request.stream.read(limit + 1)
+    # A stream may return fewer bytes than asked for before its end: read until the end
+    # or one byte past the limit.
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = request.stream.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    body = b"".join(chunks)
     if len(body) > limit:
         raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
     return body
@@ -96,17 +119,21 @@ def _string(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-@bp.route("/webhook", methods=ALL_METHODS, defaults={"name": "generic"})
+# `/webhook` has an endpoint of its own: were it `receive` with a default name, Werkzeug would
+# answer /webhook/generic with a 308 redirect to /webhook instead of 404.
+@bp.route("/webhook", methods=ALL_METHODS, defaults={"name": "generic"}, endpoint="receive_generic")
 @bp.route("/webhook/<name>", methods=ALL_METHODS)
 def receive(name: str) -> tuple[Response, int]:
     source = resolve_source(name)
     body = read_body(source.max_payload_bytes or settings().max_payload_bytes)
     authenticate(source, request.headers, body)
     payload = parse_payload(source, body)
-    parsing.validate(source.validator, payload)
+    parsing.validate(source.validator, payload, particle=source.parser == "particle")
     event, device, dedupe_key = describe(source, payload)
     try:
-        event_id, created = get_store().insert_event(source.name, dedupe_key, event, device, request.remote_addr, payload)
+        event_id, created = get_store().insert_event(
+            source.name, dedupe_key, event, device, request.remote_addr, payload
+        )
     except sqlite3.Error as exc:
         current_app.logger.error("event store refused a write: %s", exc)
         raise StoreUnavailable() from None
