@@ -265,7 +265,7 @@ SECRET_VARIABLES = ["PARTICLE_WEBHOOK_SECRET", "WEBHOOK_SECRET", "FLASK_SECRET_K
 
 
 def _smtp_context(name: str) -> dict[str, str]:
-    return {"SMTP_HOST": "mail.example.com", "RECIPIENT_EMAIL": "ops@example.com"} if name == "SMTP_PASSWORD" else {}
+    return {"SMTP_EMAIL": "ops@example.com", "RECIPIENT_EMAIL": "ops@example.com"} if name == "SMTP_PASSWORD" else {}
 
 
 def _secret_value(settings: Settings, name: str) -> str | None:
@@ -538,8 +538,9 @@ def test_recipients_and_sms_gateways(tmp_path: Path) -> None:
 
 
 def test_smtp_ca_file_must_exist(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n", encoding="utf-8")
+    from tests.smtpsink import make_self_signed_cert
+
+    ca, _ = make_self_signed_cert(tmp_path)
     settings = load_settings(
         env(tmp_path, SMTP_HOST="localhost", RECIPIENT_EMAIL="ops@example.com", SMTP_CA_FILE=str(ca))
     )
@@ -585,3 +586,40 @@ def test_bad_value_in_dotenv_is_reported_like_any_other(tmp_path: Path, monkeypa
     with pytest.raises(ConfigError) as caught:
         settings_from_environment()
     assert_names_without_echo(caught.value, "PARTICLE_WEBHOOK_SECRET", "Sh0rt-D0tenv")
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ({"SMTP_HOST": "mail.example.com", "SMTP_PASSWORD": "pw"}, "SMTP_PASSWORD needs SMTP_EMAIL"),
+        ({"SMTP_EMAIL": "a@example.com", "SMTP_SECURITY": "none", "SMTP_PASSWORD": "pw"}, "in clear"),
+        ({"SMTP_EMAIL": "a@example.com", "SMTP_CA_FILE": "/nonexistent/ca.pem"}, "SMTP_CA_FILE does not name"),
+    ],
+)
+def test_smtp_combinations_that_cannot_work_are_refused(tmp_path: Path, extra: dict[str, str], problem: str) -> None:
+    values = env(tmp_path, RECIPIENT_EMAIL="ops@example.com", **extra)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(values)
+    assert any(problem in p for p in caught.value.problems)
+
+
+def test_a_ca_file_that_is_not_pem_is_refused(tmp_path: Path) -> None:
+    bogus = tmp_path / "ca.pem"
+    bogus.write_text("not a certificate")
+    values = env(tmp_path, SMTP_EMAIL="a@example.com", RECIPIENT_EMAIL="ops@example.com", SMTP_CA_FILE=str(bogus))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(values)
+    assert any("not a PEM CA bundle" in p for p in caught.value.problems)
+
+
+def test_plain_smtp_with_a_password_is_allowed_on_loopback(tmp_path: Path) -> None:
+    values = env(
+        tmp_path,
+        SMTP_EMAIL="a@example.com",
+        SMTP_HOST="127.0.0.1",
+        SMTP_SECURITY="none",
+        SMTP_PASSWORD="pw",
+        RECIPIENT_EMAIL="ops@example.com",
+    )
+    smtp = load_settings(values).smtp
+    assert smtp is not None and smtp.username == "a@example.com"

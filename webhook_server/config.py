@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import ipaddress
 import socket
+import ssl
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -252,14 +254,21 @@ def _smtp(reader: _Reader) -> SmtpSettings | None:
     password = reader.secret("SMTP_PASSWORD")
     ca_file = reader.raw("SMTP_CA_FILE")
     timeout = reader.parsed("SMTP_TIMEOUT", 15.0, _positive_float, "a number of seconds")
-    if ca_file and not Path(ca_file).is_file():
-        reader.problems.append("SMTP_CA_FILE does not name a readable file")
+    if ca_file:
+        _check_ca_file(ca_file, reader.problems)
     if email is None and host is None:
         if password:
             reader.problems.append("SMTP_PASSWORD is set but neither SMTP_EMAIL nor SMTP_HOST is")
         return None
+    host = (host or "smtp.gmail.com").strip()
+    if password and email is None:
+        reader.problems.append("SMTP_PASSWORD needs SMTP_EMAIL, which is the login")
+    if password and security == "none" and not _is_loopback(host):
+        reader.problems.append(
+            "SMTP_PASSWORD with SMTP_SECURITY=none would send the password in clear; use starttls or ssl"
+        )
     return SmtpSettings(
-        host=(host or "smtp.gmail.com").strip(),
+        host=host,
         port=port,
         security=security,
         username=email if password else None,
@@ -268,6 +277,25 @@ def _smtp(reader: _Reader) -> SmtpSettings | None:
         ca_file=ca_file,
         timeout=timeout,
     )
+
+
+def _check_ca_file(path: str, problems: list[str]) -> None:
+    """The CA bundle must load, or the worker would fail at its first send."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        problems.append("SMTP_CA_FILE does not name a readable file")
+    except (OSError, ssl.SSLError, ValueError):
+        problems.append("SMTP_CA_FILE is not a PEM CA bundle")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _host(value: str) -> str:
@@ -333,7 +361,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         retry_max_attempts=reader.parsed("RETRY_MAX_ATTEMPTS", 12, _positive_int, "a positive whole number"),
         subscriber_tokens=_subscriber_tokens(reader),
         delivery_lease_seconds=reader.parsed(
-            "DELIVERY_LEASE_SECONDS", 60.0, _positive_float, "a positive number of seconds"
+            # A send may take several SMTP timeouts (connect, TLS, each command): the lease must outlast it.
+            "DELIVERY_LEASE_SECONDS",
+            max(60.0, 4 * smtp.timeout) if smtp else 60.0,
+            _positive_float,
+            "a positive number of seconds",
         ),
         worker_poll_seconds=reader.parsed("WORKER_POLL_SECONDS", 0.2, _positive_float, "a positive number of seconds"),
         log_level=reader.parsed("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),

@@ -272,7 +272,7 @@ def _source_from_spec(
         problems.append(f"{where}: max_payload_bytes must be a positive whole number")
     recipients = spec.get("recipients")
     if recipients is not None and (
-        not isinstance(recipients, list) or not all(isinstance(r, str) and "@" in r for r in recipients)
+        not isinstance(recipients, list) or not all(isinstance(r, str) and _is_address(r) for r in recipients)
     ):
         problems.append(f"{where}: recipients must be a list of email addresses")
     notify = spec.get("notify", True)
@@ -304,6 +304,16 @@ def _standard_webhooks_secret(value: str) -> bool:
         return bool(base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True))
     except (binascii.Error, ValueError):
         return False
+
+
+def _is_address(value: str) -> bool:
+    from .config import _email_address  # one definition of a valid address, in config
+
+    try:
+        _email_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _valid_rate(value: str) -> bool:
