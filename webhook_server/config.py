@@ -6,9 +6,9 @@ problem by variable name. Values are never echoed in messages, as they may be se
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
-import ipaddress
 import socket
 import ssl
 import zoneinfo
