@@ -38,7 +38,24 @@ def main() -> None:
 
 
 def gunicorn_command(host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONFIG, "--bind", f"{host}:{port}", APP_SPEC]
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-c",
+        GUNICORN_CONFIG,
+        "--bind",
+        f"{host}:{port}",
+        APP_SPEC,
+    ]
+
+
+def metrics_environment(settings: Settings, clear: bool = False) -> None:
+    """PROMETHEUS_MULTIPROC_DIR (default <DATA_DIR>/prometheus) in the environment before any
+    child starts or any metric is made, so every process's counts add up (see metrics.py)."""
+    from .metrics import ensure_multiprocess_dir
+
+    ensure_multiprocess_dir(settings.data_dir, clear=clear)
 
 
 @main.command()
@@ -46,7 +63,8 @@ def gunicorn_command(host: str, port: int) -> list[str]:
 @click.option("--port", default=5000, show_default=True, type=int)
 def web(host: str, port: int) -> None:
     """Only the web half: Gunicorn with the app (sends nothing)."""
-    load_or_exit()
+    settings = load_or_exit()
+    metrics_environment(settings)
     command = gunicorn_command(host, port)
     os.execv(command[0], command)  # noqa: S606 - replace this process, so signals reach Gunicorn
 
@@ -58,6 +76,7 @@ def worker() -> None:
     from .logs import configure_logging
 
     settings = load_or_exit()
+    metrics_environment(settings)
     configure_logging(settings.log_level)
     stop = threading.Event()
 
@@ -75,9 +94,11 @@ def worker() -> None:
 def serve(host: str, port: int) -> None:
     """Everything on this host: Gunicorn with the app, and the delivery worker."""
     settings = load_or_exit()
+    metrics_environment(settings, clear=True)
+    target = f"email via {settings.smtp.host}" if settings.smtp else "the log (no SMTP configured)"
     click.echo(
         f"webhook-server: listening on http://{host}:{port} with sources {', '.join(sorted(settings.sources))};"
-        f" notifications go to {'email via ' + settings.smtp.host if settings.smtp else 'the log (no SMTP configured)'}",
+        f" notifications go to {target}",
         err=True,
     )
     sys.exit(Supervisor(gunicorn_command(host, port), [sys.executable, "-m", "webhook_server", "worker"]).run())
@@ -157,7 +178,7 @@ def init(path: str) -> None:
         f"  PARTICLE_WEBHOOK_SECRET={values['particle']}\n"
         f"  WEBHOOK_SECRET={values['generic']}\n\n"
         "Start the server:         webhook-server serve\n"
-        "Send a first test event:  webhook-server send '{\"event\": \"motion\", \"data\": \"front door\"}'\n"
+        'Send a first test event:  webhook-server send \'{"event": "motion", "data": "front door"}\'\n'
         "Notifications go to the log until you set SMTP_EMAIL (or SMTP_HOST) and RECIPIENT_EMAIL."
     )
 
@@ -170,7 +191,12 @@ def gen_secret(nbytes: int) -> None:
 
 
 @main.command()
-@click.option("--source", "source_name", default=None, help="Source to sign for (default: particle, else generic).")
+@click.option(
+    "--source",
+    "source_name",
+    default=None,
+    help="Source to sign for (default: particle, else generic).",
+)
 @click.option("--url", default="http://127.0.0.1:5000", show_default=True, help="The server's base URL.")
 @click.option("--timeout", default=10.0, show_default=True)
 @click.argument("payload", default="{}")
@@ -232,9 +258,8 @@ def dead_letters_list() -> None:
         return
     click.echo(f"{'delivery':>8}  {'event':>8}  {'name':<20}  {'recipient':<32}  {'tries':>5}  last error")
     for d in letters:
-        click.echo(
-            f"{d.delivery_id:>8}  {d.event_id:>8}  {d.event[:20]:<20}  {d.recipient[:32]:<32}  {d.tries:>5}  {d.last_error[:80]}"
-        )
+        name, recipient, error = d.event[:20], d.recipient[:32], d.last_error[:80]
+        click.echo(f"{d.delivery_id:>8}  {d.event_id:>8}  {name:<20}  {recipient:<32}  {d.tries:>5}  {error}")
 
 
 @dead_letters.command("replay")

@@ -305,7 +305,9 @@ class Worker:
             record_delivery(notification.channel, "retry" if status == "pending" else "dead")
             return status
         self.queue.mark_sent(notification.delivery_id)
-        record_delivery(notification.channel, "sent", time.time() - epoch(notification.event.received_at))
+        # A summary's event was received up to a whole window earlier: only alerts time the pipeline.
+        latency = time.time() - epoch(notification.event.received_at) if notification.kind == "alert" else None
+        record_delivery(notification.channel, "sent", latency)
         return "sent"
 
     def run(self, stop: threading.Event) -> None:

@@ -141,11 +141,7 @@ def _parse_time(value: Any) -> datetime | None:
 
 def happened_at(event: StoredEvent) -> datetime:
     """Particle's `published_at` when present and valid, else the time received."""
-    return (
-        _parse_time(_fields(event).get("published_at"))
-        or _parse_time(event.received_at)
-        or datetime.now(UTC)
-    )
+    return _parse_time(_fields(event).get("published_at")) or _parse_time(event.received_at) or datetime.now(UTC)
 
 
 def _in_zone(moment: datetime, settings: Settings) -> datetime:
@@ -366,9 +362,7 @@ class EmailNotifier(Notifier):
     def _connect(self) -> smtplib.SMTP:
         host, port, timeout = self.smtp.host, self.smtp.port, self.smtp.timeout
         if self.smtp.security == "ssl":
-            return smtplib.SMTP_SSL(
-                host, port, self.local_hostname, timeout=timeout, context=self.tls
-            )
+            return smtplib.SMTP_SSL(host, port, self.local_hostname, timeout=timeout, context=self.tls)
         return smtplib.SMTP(host, port, self.local_hostname, timeout=timeout)
 
     def _transmit(self, message: EmailMessage, recipient: str) -> None:

@@ -1,0 +1,438 @@
+"""Prometheus metrics at `GET /metrics`, right whichever Gunicorn worker answers the scrape.
+
+Two modes, chosen once per process when the first metric is made:
+
+* **Multiprocess** (``PROMETHEUS_MULTIPROC_DIR`` set, as ``webhook-server serve``, ``web`` and
+  ``worker`` do: they set it to ``<DATA_DIR>/prometheus`` when it is not already set). Every
+  process, each Gunicorn worker and the delivery worker alike, writes its counts to its own
+  files in that directory, and a scrape adds up the files of every process. Counts stay right
+  when Gunicorn restarts a worker: a dead worker's counter files stay, and Gunicorn's
+  ``child_exit`` hook (`gunicorn_conf`) calls `mark_process_dead` so its ``live*`` gauges
+  leave the sum. The directory is cleared when Gunicorn starts (`clear_stale_files`, from the
+  ``on_starting`` hook): the files of processes that are gone would otherwise pile up.
+  Files are named after ``<host>-<pid>`` (`process_identifier`), not the bare pid, so that
+  a web container and a worker container sharing DATA_DIR (each with its own pid numbering)
+  never write to the same file.
+
+* **Single process** (no such variable, e.g. plain ``gunicorn "webhook_server:create_app()"``
+  or the tests' client): an ordinary registry in this process. With several Gunicorn workers
+  each scrape then shows the counts of the one worker that answered it, so run through
+  ``webhook-server web`` (or set ``PROMETHEUS_MULTIPROC_DIR`` to an empty directory and use
+  ``-c python:webhook_server.gunicorn_conf``) when the counters matter.
+
+The gauges about the queue (`StoreCollector`) are read from the store at scrape time, so they
+are exact in either mode and whichever process scrapes.
+
+Access (the contract): ``DISABLE_SYSTEM_INFO=true`` hides the endpoint (404) unless
+``METRICS_TOKEN`` is set and presented as ``Authorization: Bearer``; when ``METRICS_TOKEN`` is
+set it is required (401 without it, or 404 under ``DISABLE_SYSTEM_INFO=true``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import hmac
+import logging
+import os
+import re
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    values,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from .config import Settings
+from .errors import BadCredentials
+from .store import Store, get_store
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
+# The classic text format, which every Prometheus version reads.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# From receipt to the SMTP server's acceptance: seconds normally, up to the retry cap (1 h).
+DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+# The outcome label of a refused webhook, by status (an accepted one sets `g.outcome`).
+OUTCOMES = {
+    400: "malformed",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported",
+    422: "invalid",
+    429: "rate_limited",
+    503: "unavailable",
+}
+DELIVERY_OUTCOMES = {"sent": "sent", "retry": "retry", "pending": "retry", "dead": "dead"}
+WEBHOOK_BLUEPRINT = "webhooks"
+# OPTIONS too, or Flask would answer it itself (200) even where /metrics is hidden.
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+# -- where the counts live ------------------------------------------------------------------
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory from the environment, or None for single-process mode."""
+    return os.environ.get(ENV_VAR) or None
+
+
+def default_multiprocess_dir(data_dir: Path) -> Path:
+    """Where the CLI puts the multiprocess files when the variable is not set."""
+    return data_dir / "prometheus"
+
+
+def ensure_multiprocess_dir(data_dir: Path, clear: bool = False) -> Path:
+    """Set ``PROMETHEUS_MULTIPROC_DIR`` (to ``<DATA_DIR>/prometheus`` unless already set) and
+    create it. Call it before any child process starts and before the first metric is made.
+
+    `clear` deletes every file this host left there, for a command that starts all of this
+    host's processes itself (``serve``): none of them runs yet.
+    """
+    path = Path(os.environ.get(ENV_VAR) or default_multiprocess_dir(data_dir)).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[ENV_VAR] = str(path)
+    if clear:
+        clear_stale_files(str(path), keep_live=False)
+    return path
+
+
+_HOST = re.sub(r"[^A-Za-z0-9.]", "", socket.gethostname())[:64] or "host"
+
+
+def process_identifier(pid: int | None = None) -> str:
+    """The name of a process's files: ``<host>-<pid>`` (no ``_``: the file name is split on it)."""
+    return f"{_HOST}-{os.getpid() if pid is None else pid}"
+
+
+def _identifier_of(path: str) -> tuple[str, int] | None:
+    """(host, pid) from a file name such as ``counter_myhost-42.db``."""
+    stem = os.path.basename(path)[: -len(".db")]
+    host, _, pid = stem.rsplit("_", 1)[-1].rpartition("-")
+    return (host, int(pid)) if host and pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale_files(path: str | None = None, keep_live: bool = True) -> int:
+    """Delete the files of processes that are gone; returns how many (Gunicorn's ``on_starting``).
+
+    Everything from an earlier run goes, while a delivery worker that started before Gunicorn
+    (``serve`` starts both at once) keeps its files (unless `keep_live` is false). Files from
+    other hosts (containers sharing DATA_DIR) are left alone: whether they live cannot be told.
+    """
+    path = path or multiprocess_dir()
+    if not path or not os.path.isdir(path):
+        return 0
+    removed = 0
+    for name in glob.glob(os.path.join(path, "*.db")):
+        owner = _identifier_of(name)
+        if owner is not None and (owner[0] != _HOST or (keep_live and _alive(owner[1]))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
+            removed += 1
+    return removed
+
+
+def child_exit(pid: int) -> None:
+    """Take a dead Gunicorn worker's ``live*`` gauges out of the sums (``child_exit`` hook)."""
+    path = multiprocess_dir()
+    if path and os.path.isdir(path):
+        mark_process_dead(process_identifier(pid), path)  # type: ignore[no-untyped-call]
+
+
+# -- the instruments --------------------------------------------------------------------------
+
+_REGISTRY = CollectorRegistry()  # single-process mode only
+# Instruments are made once per process, on first use, from any thread (Gunicorn's gthread
+# workers, the delivery worker's send pool): a lock keeps them from being made twice.
+_LOCK = threading.Lock()
+_web: WebMetrics | None = None
+_deliveries: DeliveryMetrics | None = None
+
+
+@functools.cache
+def _value_class() -> None:
+    """In multiprocess mode, name each process's files with `process_identifier`.
+
+    prometheus_client picks its value class when it is imported; the CLI may set the variable
+    later in the same process (`webhook-server worker`), so the choice is made again here,
+    before the first metric.
+    """
+    # The *_created samples exist only in single-process mode; leave them out in both.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    if multiprocess_dir():
+        Path(multiprocess_dir() or ".").mkdir(parents=True, exist_ok=True)
+        values.ValueClass = values.MultiProcessValue(process_identifier)  # type: ignore[no-untyped-call]
+    else:
+        values.ValueClass = values.MutexValue
+
+
+@dataclass(frozen=True)
+class WebMetrics:
+    requests: Counter
+    ack_seconds: Histogram
+    live_subscribers: Gauge
+
+
+@dataclass(frozen=True)
+class DeliveryMetrics:
+    deliveries: Counter
+    delivery_seconds: Histogram
+
+
+def web_metrics() -> WebMetrics:
+    """The web half's instruments, made on first use (after the CLI set the environment)."""
+    global _web
+    if _web is None:
+        with _LOCK:
+            if _web is None:
+                _web = _make_web_metrics()
+    return _web
+
+
+def delivery_metrics() -> DeliveryMetrics:
+    """The delivery worker's instruments, made on first use."""
+    global _deliveries
+    if _deliveries is None:
+        with _LOCK:
+            if _deliveries is None:
+                _deliveries = _make_delivery_metrics()
+    return _deliveries
+
+
+def _make_web_metrics() -> WebMetrics:
+    _value_class()
+    return WebMetrics(
+        requests=Counter(
+            "webhook_requests",
+            "Webhook requests answered, by source and outcome.",
+            ["source", "outcome"],
+            registry=_REGISTRY,
+        ),
+        ack_seconds=Histogram(
+            "webhook_ack_seconds",
+            "Time to answer a webhook POST, in seconds.",
+            buckets=ACK_BUCKETS,
+            registry=_REGISTRY,
+        ),
+        # livesum: the sum over live processes; a dead worker's subscribers leave the sum
+        # when Gunicorn's child_exit hook marks it dead. 0 until the live stream exists.
+        live_subscribers=Gauge(
+            "webhook_live_subscribers",
+            "Live stream (WebSocket and SSE) subscribers connected now.",
+            multiprocess_mode="livesum",
+            registry=_REGISTRY,
+        ),
+    )
+
+
+def _make_delivery_metrics() -> DeliveryMetrics:
+    _value_class()
+    return DeliveryMetrics(
+        deliveries=Counter(
+            "webhook_deliveries",
+            "Delivery attempts, by channel and outcome (sent, retry, dead).",
+            ["channel", "outcome"],
+            registry=_REGISTRY,
+        ),
+        delivery_seconds=Histogram(
+            "webhook_delivery_seconds",
+            "Time from an event's receipt to its delivery being sent, in seconds.",
+            ["channel"],
+            buckets=DELIVERY_BUCKETS,
+            registry=_REGISTRY,
+        ),
+    )
+
+
+def record_delivery(channel: str, outcome: str, latency_seconds: float | None = None) -> None:
+    """Count one delivery attempt; `outcome` is sent, retry (or pending) or dead.
+
+    `latency_seconds` (receipt to sent) goes into ``webhook_delivery_seconds`` when given.
+    Never raises: a metrics problem must not stop deliveries.
+    """
+    try:
+        instruments = delivery_metrics()
+        instruments.deliveries.labels(channel, DELIVERY_OUTCOMES.get(outcome, outcome)).inc()
+        if latency_seconds is not None:
+            instruments.delivery_seconds.labels(channel).observe(max(latency_seconds, 0.0))
+    except Exception:  # metrics are best effort
+        log.warning("could not record a delivery metric", exc_info=True)
+
+
+@contextlib.contextmanager
+def live_subscriber() -> Iterator[None]:
+    """Count a live stream subscriber while the block runs (for the stream endpoints)."""
+    gauge = web_metrics().live_subscribers
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
+
+
+# -- scrape-time gauges from the store --------------------------------------------------------
+
+
+class StoreCollector(Collector):
+    """Queue figures read from the store when scraped: exact whichever process answers."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily("webhook_store_up", "1 when the event store answered this scrape.")
+        try:
+            counts = self.store.counts()
+        except sqlite3.Error:
+            log.warning("metrics: the store did not answer", exc_info=True)
+            up.add_metric([], 0)
+            return [up]
+        up.add_metric([], 1)
+        return [
+            up,
+            CounterMetricFamily(
+                "webhook_events_accepted",
+                "Events accepted and stored since the store was created.",
+                value=counts["events_accepted"],
+            ),
+            GaugeMetricFamily(
+                "webhook_queue_depth",
+                "Deliveries waiting to be sent (including those waiting to retry).",
+                value=counts["deliveries_pending"],
+            ),
+            GaugeMetricFamily(
+                "webhook_dead_letters",
+                "Deliveries that ran out of retries, waiting for an operator to replay them.",
+                value=counts["dead_letters"],
+            ),
+        ]
+
+
+class _Local(Collector):
+    """This process's own registry, in single-process mode."""
+
+    def collect(self) -> Iterable[Metric]:
+        return _REGISTRY.collect()
+
+
+def render(store: Store) -> bytes:
+    """The exposition text: every process's counts plus the store's gauges."""
+    web_metrics()
+    delivery_metrics()
+    registry = CollectorRegistry()
+    path = multiprocess_dir()
+    if path and os.path.isdir(path) and values.ValueClass is not values.MutexValue:
+        MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
+    else:
+        registry.register(_Local())
+    registry.register(StoreCollector(store))
+    return generate_latest(registry)
+
+
+# -- the endpoint and the request hooks -------------------------------------------------------
+
+bp = Blueprint("metrics", __name__)
+
+
+def _bearer_token() -> str | None:
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
+
+
+def check_access(settings: Settings) -> None:
+    """404 when hidden, 405 for another method, 401 without the token when one is set."""
+    token = settings.metrics_token
+    given = _bearer_token()
+    valid = token is not None and given is not None and hmac.compare_digest(given.encode(), token.encode())
+    if settings.disable_system_info and not valid:
+        raise NotFound()
+    if request.method not in ("GET", "HEAD"):
+        raise MethodNotAllowed(valid_methods=["GET", "HEAD"])
+    if token is not None and not valid:
+        raise BadCredentials()
+
+
+@bp.route("/metrics", methods=ALL_METHODS)
+def metrics() -> Response:
+    settings: Settings = current_app.config["SETTINGS"]
+    check_access(settings)
+    return Response(render(get_store()), mimetype=None, content_type=CONTENT_TYPE)
+
+
+def _start_timer() -> None:
+    g.metrics_started = time.perf_counter()
+
+
+def _source_label() -> str:
+    """The source that answered, bounded to enabled sources (never a name from the URL)."""
+    name = g.get("source_name")
+    if isinstance(name, str):
+        return name
+    from .webhooks import enabled_source  # the view module owns the path-to-source rule
+
+    path_name = (request.view_args or {}).get("name")
+    source = enabled_source(path_name) if isinstance(path_name, str) else None
+    return source.name if source is not None else "unknown"
+
+
+def _count_webhook(response: Response) -> Response:
+    if request.blueprint != WEBHOOK_BLUEPRINT:
+        return response
+    try:
+        outcome = (
+            g.get("outcome") or OUTCOMES.get(response.status_code) or ("error" if response.status_code >= 400 else "ok")
+        )
+        instruments = web_metrics()
+        instruments.requests.labels(_source_label(), outcome).inc()
+        started = g.get("metrics_started")
+        if request.method == "POST" and started is not None:
+            instruments.ack_seconds.observe(time.perf_counter() - started)
+    except Exception:  # a stored event must never get a 500 because of metrics
+        log.warning("could not record a request metric", exc_info=True)
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """The /metrics endpoint and the per-request counts.
+
+    Call it before the rate limiter is set up, so the timer starts before a 429 is decided.
+    """
+    web_metrics()
+    app.before_request(_start_timer)
+    app.after_request(_count_webhook)
+    app.register_blueprint(bp)

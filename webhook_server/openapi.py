@@ -1,0 +1,398 @@
+"""The OpenAPI 3.1 description of the public HTTP endpoints, served at `GET /openapi.json`.
+
+Built here rather than kept as a static file so that it shares the Particle JSON Schema with
+the validator (`schemas/particle.json`) and the statuses with the contract in one place. The
+tests validate it with openapi-spec-validator and fuzz a real server against it with
+schemathesis.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from importlib import resources
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from . import __version__
+
+bp = Blueprint("openapi", __name__)
+
+JSON = "application/json"
+FORM = "application/x-www-form-urlencoded"
+METRICS_MEDIA_TYPE = "text/plain"
+
+
+def _ref(kind: str, name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def particle_schema() -> dict[str, Any]:
+    """The packaged Particle JSON Schema, without the keywords that only make sense standalone."""
+    text = resources.files("webhook_server.schemas").joinpath("particle.json").read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    for key in ("$schema", "$id"):
+        schema.pop(key, None)
+    # The server also checks that the date exists (parsing.validate): say so, so that clients
+    # and generators produce real dates, not just the pattern's digits.
+    schema["properties"]["published_at"].setdefault("format", "date-time")
+    return schema
+
+
+def particle_form_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """Particle's default form-encoded body: the same fields, every value a string."""
+    properties = {
+        "event": schema["properties"]["event"],
+        "data": {"type": "string", "description": "May be empty."},
+        "coreid": schema["properties"]["coreid"],
+        "published_at": schema["properties"]["published_at"],
+        "fw_version": {"type": "string", "pattern": "^[0-9]{1,10}$"},
+        "public": {"type": "string", "enum": ["true", "false"]},
+        "userid": schema["properties"]["userid"],
+    }
+    return {
+        "title": "Particle webhook event (form-encoded)",
+        "type": "object",
+        "required": list(schema["required"]),
+        "properties": copy.deepcopy(properties),
+        "additionalProperties": {"type": "string"},
+    }
+
+
+GENERIC_DESCRIPTION = (
+    "`X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the raw body>`, keyed with WEBHOOK_SECRET."
+    " Off (404) unless WEBHOOK_SECRET is set."
+)
+SOURCE_DESCRIPTION = (
+    "Authenticated with the source's scheme (one of the security alternatives), validated"
+    " against its schema when it has one. 404 for a name that is not an enabled source."
+)
+HEALTH_DESCRIPTION = "More fields only when system info is enabled (DISABLE_SYSTEM_INFO=false)."
+METRICS_DESCRIPTION = (
+    "Prometheus text format. When METRICS_TOKEN is set it is required as a bearer token (401"
+    " without it). DISABLE_SYSTEM_INFO=true hides the endpoint (404) unless METRICS_TOKEN is"
+    " set and presented."
+)
+BEARER_DESCRIPTION = (
+    "`Authorization: Bearer <secret>`: PARTICLE_WEBHOOK_SECRET, a bearer source's secret, or METRICS_TOKEN."
+)
+
+ERROR_DESCRIPTIONS = {
+    "400": "Malformed body (not valid JSON, a bad form, bad UTF-8).",
+    "401": "Missing or invalid credentials (the same answer whichever part failed).",
+    "403": "This client address may not send to this source.",
+    "404": "No such endpoint, or no source enabled at this path.",
+    "413": "The body is over the limit (checked before it is read whole).",
+    "415": "Unsupported Content-Type.",
+    "422": "The body parsed but does not match the source's schema.",
+    "429": "Rate limit exceeded for this source and client address.",
+    "503": "The server cannot accept the event safely right now; retry after Retry-After.",
+}
+
+
+def _error_response(status: str) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": ERROR_DESCRIPTIONS[status],
+        "content": {JSON: {"schema": _ref("schemas", "SchemaViolation" if status == "422" else "Error")}},
+    }
+    if status in ("429", "503"):
+        response["headers"] = {"Retry-After": _ref("headers", "RetryAfter")}
+    if status == "401":
+        response["headers"] = {"WWW-Authenticate": _ref("headers", "WWWAuthenticate")}
+    return response
+
+
+def _webhook_responses() -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "200": _ref("responses", "Duplicate"),
+        "202": _ref("responses", "Accepted"),
+    }
+    responses.update({status: _ref("responses", f"Error{status}") for status in ERROR_DESCRIPTIONS})
+    return responses
+
+
+def _any_json_body(description: str) -> dict[str, Any]:
+    return {
+        "required": True,
+        "description": description,
+        "content": {
+            JSON: {"schema": {}},
+            FORM: {
+                "schema": {
+                    "type": "object",
+                    "description": "GitHub's form option: the JSON document in a `payload` field.",
+                    "required": ["payload"],
+                    "properties": {"payload": {"type": "string", "contentMediaType": JSON}},
+                    "additionalProperties": False,
+                }
+            },
+        },
+    }
+
+
+SOURCE_SECURITY: list[dict[str, list[str]]] = [
+    {"bearer": []},
+    {"basic": []},
+    {"hubSignature256": []},
+    {"hubSignature": []},
+    {"hubSignature512": []},
+    {"webhookId": [], "webhookTimestamp": [], "webhookSignature": []},
+    {"stripeSignature": []},
+    {"slackSignature": [], "slackTimestamp": []},
+    {"shopifyHmac": []},
+]
+
+
+def _header_key(name: str, description: str) -> dict[str, str]:
+    return {"type": "apiKey", "in": "header", "name": name, "description": description}
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document (built once; treat it as read-only)."""
+    particle = particle_schema()
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "webhook-server",
+            "version": __version__,
+            "summary": "Self-hosted webhook alert receiver.",
+            "description": (
+                "Receives Particle and signed webhooks, stores them durably and answers at once; "
+                "notifications go out in the background. Every error is JSON "
+                '`{"error": "<code>", "message": "<text>"}`. A request that fails several checks '
+                "gets the first of 404, 405, 413, 401, 415, 400, 422. Every POST endpoint "
+                "answers 405 (with `Allow: POST`) to other methods."
+            ),
+            "license": {"name": "MIT", "identifier": "MIT"},
+        },
+        "paths": {
+            "/webhook/particle": {
+                "post": {
+                    "operationId": "receiveParticle",
+                    "summary": "A Particle cloud webhook event",
+                    "description": "Off (404) unless PARTICLE_WEBHOOK_SECRET is set.",
+                    "tags": ["webhooks"],
+                    "security": [{"bearer": []}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            JSON: {"schema": _ref("schemas", "ParticleEvent")},
+                            FORM: {"schema": _ref("schemas", "ParticleForm")},
+                        },
+                    },
+                    "responses": _webhook_responses(),
+                }
+            },
+            "/webhook": {
+                "post": {
+                    "operationId": "receiveGeneric",
+                    "summary": "A generic signed event (GitHub style)",
+                    "description": GENERIC_DESCRIPTION,
+                    "tags": ["webhooks"],
+                    "security": [{"hubSignature256": []}],
+                    "requestBody": _any_json_body("Any JSON document."),
+                    "responses": _webhook_responses(),
+                }
+            },
+            "/webhook/{source}": {
+                "post": {
+                    "operationId": "receiveSource",
+                    "summary": "An event for a source declared in SOURCES_FILE",
+                    "description": SOURCE_DESCRIPTION,
+                    "tags": ["webhooks"],
+                    "parameters": [
+                        {
+                            "name": "source",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,63}$"},
+                        }
+                    ],
+                    "security": SOURCE_SECURITY,
+                    "requestBody": _any_json_body("Any JSON document, unless the source has a schema."),
+                    "responses": _webhook_responses(),
+                }
+            },
+            "/health": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Liveness",
+                    "description": HEALTH_DESCRIPTION,
+                    "tags": ["operations"],
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "Healthy.",
+                            "content": {JSON: {"schema": _ref("schemas", "Health")}},
+                        },
+                        "503": {
+                            "description": "The event store does not answer.",
+                            "content": {JSON: {"schema": _ref("schemas", "Health")}},
+                        },
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics",
+                    "description": METRICS_DESCRIPTION,
+                    "tags": ["operations"],
+                    "security": [{}, {"bearer": []}],
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format, version 0.0.4.",
+                            "content": {METRICS_MEDIA_TYPE: {"schema": {"type": "string"}}},
+                        },
+                        "401": _ref("responses", "Error401"),
+                        "404": _ref("responses", "Error404"),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document",
+                    "tags": ["operations"],
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "The OpenAPI 3.1 document.",
+                            "content": {JSON: {"schema": {"type": "object", "required": ["openapi", "paths"]}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": BEARER_DESCRIPTION,
+                },
+                "basic": {
+                    "type": "http",
+                    "scheme": "basic",
+                    "description": "A `basic` source's user:password.",
+                },
+                "hubSignature256": _header_key(
+                    "X-Hub-Signature-256",
+                    "`sha256=<hex HMAC-SHA256 of the raw body>` (WEBHOOK_SECRET).",
+                ),
+                "hubSignature": _header_key("X-Hub-Signature", "`sha1=<hex HMAC-SHA1 of the raw body>`."),
+                "hubSignature512": _header_key("X-Hub-Signature-512", "`sha512=<hex HMAC-SHA512 of the raw body>`."),
+                "webhookId": _header_key("webhook-id", "Standard Webhooks message id."),
+                "webhookTimestamp": _header_key("webhook-timestamp", "Standard Webhooks timestamp (Unix seconds)."),
+                "webhookSignature": _header_key("webhook-signature", "Standard Webhooks `v1,<base64>` signatures."),
+                "stripeSignature": _header_key("Stripe-Signature", "`t=<timestamp>,v1=<hex>`."),
+                "slackSignature": _header_key("X-Slack-Signature", "`v0=<hex>`."),
+                "slackTimestamp": _header_key("X-Slack-Request-Timestamp", "Unix seconds."),
+                "shopifyHmac": _header_key("X-Shopify-Hmac-Sha256", "Base64 HMAC-SHA256 of the raw body."),
+            },
+            "schemas": {
+                "ParticleEvent": particle,
+                "ParticleForm": particle_form_schema(particle),
+                "Accepted": {
+                    "type": "object",
+                    "required": ["status", "id"],
+                    "properties": {
+                        "status": {"const": "accepted"},
+                        "id": {
+                            "type": "string",
+                            "pattern": "^[0-9]+$",
+                            "description": "The event id.",
+                        },
+                    },
+                },
+                "Duplicate": {
+                    "type": "object",
+                    "required": ["status", "id"],
+                    "properties": {
+                        "status": {"const": "duplicate"},
+                        "id": {
+                            "type": "string",
+                            "pattern": "^[0-9]+$",
+                            "description": "The first delivery's id.",
+                        },
+                    },
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "message"],
+                    "properties": {
+                        "error": {"type": "string", "description": "A machine-readable code."},
+                        "message": {"type": "string", "description": "Human text."},
+                    },
+                },
+                "SchemaViolation": {
+                    "allOf": [
+                        _ref("schemas", "Error"),
+                        {
+                            "type": "object",
+                            "required": ["fields"],
+                            "properties": {
+                                "fields": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "string",
+                                        "description": "A JSON Pointer, such as /coreid.",
+                                    },
+                                }
+                            },
+                        },
+                    ]
+                },
+                "Health": {
+                    "type": "object",
+                    "required": ["status", "timestamp"],
+                    "properties": {
+                        "status": {"enum": ["healthy", "unhealthy"]},
+                        "timestamp": {"type": "string", "format": "date-time"},
+                        "version": {"type": "string"},
+                        "pid": {"type": "integer"},
+                        "uptime_seconds": {"type": "number"},
+                        "sources": {"type": "array", "items": {"type": "string"}},
+                        "notifications": {"type": "string"},
+                        "rate_limit_storage": {"type": "string"},
+                        "events_accepted": {"type": "integer"},
+                        "deliveries_pending": {"type": "integer"},
+                        "dead_letters": {"type": "integer"},
+                    },
+                },
+            },
+            "responses": {
+                "Accepted": {
+                    "description": "Stored durably; notifications follow in the background.",
+                    "content": {JSON: {"schema": _ref("schemas", "Accepted")}},
+                },
+                "Duplicate": {
+                    "description": "A redelivery of an event already accepted.",
+                    "content": {JSON: {"schema": _ref("schemas", "Duplicate")}},
+                },
+                **{f"Error{status}": _error_response(status) for status in ERROR_DESCRIPTIONS},
+            },
+            "headers": {
+                "RetryAfter": {
+                    "description": "Seconds to wait before retrying.",
+                    "schema": {"type": "integer", "minimum": 1},
+                },
+                "WWWAuthenticate": {
+                    "description": "The authentication scheme.",
+                    "schema": {"type": "string"},
+                },
+            },
+        },
+        "tags": [
+            {"name": "webhooks", "description": "The ways in."},
+            {"name": "operations", "description": "Health, metrics and this document."},
+        ],
+    }
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    return jsonify(document())
