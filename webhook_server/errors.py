@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -106,7 +105,7 @@ def _rate_limit_reset(error: HTTPException) -> int | None:
     limiter = current_app.extensions.get("webhook_limiter")
     current = limiter.current_limit if limiter else None
     reset_at = current.reset_at if current else time.time() + 1
-    return max(1, math.ceil(reset_at - time.time()))
+    return max(1, int(reset_at - time.time()))
 
 
 def init_app(app: Flask) -> None:

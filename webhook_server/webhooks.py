@@ -77,7 +77,12 @@ def read_body(limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while size <= limit:
-        chunk = request.stream.read(limit + 1 - size)
+        try:
+            chunk = request.stream.read(limit + 1 - size)
+        # The server raises its own parse errors (a bad chunk size, a client gone mid-body):
+        # they are the client's fault, never a 500.
+        except Exception:
+            raise MalformedBody("The body could not be read (bad chunked encoding or a dropped connection).") from None
         if not chunk:
             break
         chunks.append(chunk)
