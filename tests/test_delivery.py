@@ -278,3 +278,16 @@ def test_dead_letters_cli_lists_and_replays(harness: Callable[..., Harness], sin
     h.drain()
     assert len(sink.wait_for(2)) == 2
     assert "No dead letters" in runner.invoke(main, ["dead-letters"], env=env).output
+
+
+def test_housekeeping_drops_expired_rate_limit_counters(tmp_path: Path) -> None:
+    from webhook_server.ratelimit import SQLiteStorage, storage_uri
+
+    h = Harness(tmp_path)
+    storage = SQLiteStorage(storage_uri(h.settings.data_dir, None))
+    storage.incr("gone", expiry=0)
+    storage.incr("kept", expiry=60)
+    time.sleep(0.01)
+    h.worker.housekeeping()
+    keys = [r[0] for r in storage._connection().execute("SELECT key FROM counters").fetchall()]
+    assert keys == ["kept"]

@@ -28,6 +28,7 @@ from typing import Any
 from .config import Settings
 from .metrics import record_delivery
 from .notify import DeliveryError, Notification, Notifier, PermanentFailure, notifiers, targets
+from .ratelimit import SQLiteStorage, storage_uri
 from .store import Store, event_from_row
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_SECONDS = 3600.0
 DISPATCH_BATCH = 500
 SEND_CONCURRENCY = 4
+HOUSEKEEPING_SECONDS = 60.0
 
 
 def epoch(iso: str) -> float:
@@ -310,12 +312,25 @@ class Worker:
         record_delivery(notification.channel, "sent", latency)
         return "sent"
 
+    def housekeeping(self) -> None:
+        """Drop rate-limit windows that ended, so the counters file stays small."""
+        if self.settings.redis_url:
+            return  # Redis expires its own keys
+        storage = SQLiteStorage(storage_uri(self.settings.data_dir, None))
+        removed = storage.purge_expired()
+        if removed:
+            log.debug("purged %s expired rate-limit counters", removed)
+
     def run(self, stop: threading.Event) -> None:
         """Loop until `stop` is set; a store error is logged and retried, never fatal."""
         log.info("delivery worker started (poll every %ss)", self.settings.worker_poll_seconds)
+        next_housekeeping = 0.0
         while not stop.is_set():
             try:
                 busy = self.run_once()
+                if time.monotonic() >= next_housekeeping:
+                    self.housekeeping()
+                    next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
             except sqlite3.Error as exc:
                 log.error("store error in worker: %s", exc)
                 busy = 0
