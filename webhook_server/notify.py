@@ -208,9 +208,10 @@ def table(n: Notification, settings: Settings) -> list[tuple[str, str]]:
         ("Source", event.source),
         ("Event id", event.id),
         ("Happened (UTC)", _in_utc(moment)),
-        (f"Happened ({settings.alert_timezone})", local_time(moment, settings, LONG)),
         ("Received at", event.received_at),
     ]
+    if settings.alert_timezone != "UTC":
+        rows.insert(6, (f"Happened ({settings.alert_timezone})", local_time(moment, settings, LONG)))
     if n.kind == "summary":
         rows.append(("Repeats", str(n.repeats)))
         rows.append(("Window opened", local_time(_window_start(n), settings, LONG)))
