@@ -48,6 +48,13 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 access_log = logging.getLogger("webhook_server.access")
 
 
+def outcome_for(status: int) -> str:
+    """The same outcome names as the metrics use (unauthorized, too_large, ...)."""
+    from .metrics import OUTCOMES
+
+    return OUTCOMES.get(status) or ("error" if status >= 400 else "ok")
+
+
 def _start_request() -> None:
     g.started = time.perf_counter()
     given = request.headers.get("X-Request-Id", "")
@@ -69,7 +76,7 @@ def _log_request(response: Response) -> Response:
             "path": request.path[:200],
             "status": response.status_code,
             "source": g.get("source_name"),
-            "outcome": g.get("outcome") or ("error" if response.status_code >= 400 else "ok"),
+            "outcome": g.get("outcome") or outcome_for(response.status_code),
             "event_id": g.get("event_id"),
             "duration_ms": round(duration_ms, 2),
         },
