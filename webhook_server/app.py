@@ -6,10 +6,21 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask
+from flask import Flask, Request, Response
+from flask.sessions import SessionInterface, SessionMixin
 
 from . import errors, health, logs, metrics, openapi, ratelimit, security, store, webhooks
 from .config import settings_from_environment
+
+
+class NoSession(SessionInterface):
+    """Every request gets Flask's null session; no cookie is read or written."""
+
+    def open_session(self, app: Flask, request: Request) -> SessionMixin | None:
+        return None
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        return None
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -26,6 +37,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         MAX_CONTENT_LENGTH=None,
         MAX_FORM_MEMORY_SIZE=None,
     )
+    # Nothing is kept in a cookie yet: skip opening and saving a session on every request.
+    app.session_interface = NoSession()
     app.json.sort_keys = False  # type: ignore[attr-defined]
     errors.init_app(app)
     logs.init_app(app, settings.log_level)

@@ -19,6 +19,7 @@ from limits.storage import Storage
 
 from .config import Settings
 from .sources import Source
+from .store import write_retrying
 
 EXTENSION_KEY = "webhook_limiter"
 
@@ -34,10 +35,15 @@ class SQLiteStorage(Storage):
     def __init__(self, uri: str, wrap_exceptions: bool = False, **options: float | str | bool) -> None:
         self.path = Path(unquote(urlparse(uri).path))
         self._local = threading.local()
+        self._write_lock = threading.Lock()
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
-        self._connection().execute(
-            "CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL,"
-            " expires_at REAL NOT NULL)"
+        conn = self._connection()
+        write_retrying(
+            self._write_lock,
+            lambda: conn.execute(
+                "CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, count INTEGER NOT NULL,"
+                " expires_at REAL NOT NULL)"
+            ),
         )
 
     @property
@@ -48,8 +54,9 @@ class SQLiteStorage(Storage):
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
+            # Two workers may open a new database at once: switching it to WAL needs the lock.
+            write_retrying(self._write_lock, lambda: conn.execute("PRAGMA journal_mode=WAL").fetchall())
             # Counters are not precious: a lost increment on power loss is acceptable.
             conn.execute("PRAGMA synchronous=OFF")
             self._local.conn = conn
@@ -57,17 +64,17 @@ class SQLiteStorage(Storage):
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         now = time.time()
-        row = (
-            self._connection()
-            .execute(
+        conn = self._connection()
+        row = write_retrying(
+            self._write_lock,
+            lambda: conn.execute(
                 "INSERT INTO counters (key, count, expires_at) VALUES (?, ?, ?)"
                 " ON CONFLICT(key) DO UPDATE SET"
                 "  count = CASE WHEN expires_at <= ? THEN excluded.count ELSE count + excluded.count END,"
                 "  expires_at = CASE WHEN expires_at <= ? THEN excluded.expires_at ELSE expires_at END"
                 " RETURNING count",
                 (key, amount, now + expiry, now, now),
-            )
-            .fetchall()
+            ).fetchall(),
         )
         return int(row[0][0])
 
@@ -99,7 +106,11 @@ class SQLiteStorage(Storage):
 
     def purge_expired(self) -> int:
         """Drop windows that ended; the worker calls this now and then."""
-        return self._connection().execute("DELETE FROM counters WHERE expires_at <= ?", (time.time(),)).rowcount
+        conn = self._connection()
+        return write_retrying(
+            self._write_lock,
+            lambda: conn.execute("DELETE FROM counters WHERE expires_at <= ?", (time.time(),)).rowcount,
+        )
 
 
 def storage_uri(data_dir: Path, redis_url: str | None) -> str:
