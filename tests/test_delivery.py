@@ -291,3 +291,27 @@ def test_housekeeping_drops_expired_rate_limit_counters(tmp_path: Path) -> None:
     h.worker.housekeeping()
     keys = [r[0] for r in storage._connection().execute("SELECT key FROM counters").fetchall()]
     assert keys == ["kept"]
+
+
+def test_windows_close_under_steady_load(harness: Callable[..., Harness], sink: SmtpSink) -> None:
+    """A window whose end passed closes even while newer, undispatched events keep arriving."""
+    h = harness(ALERT_COOLDOWN_SECONDS=0.3, RECIPIENT_EMAIL="owner@example.com")
+    h.post(event="motion")
+    h.post(event="motion")
+    h.queue.dispatch()
+    time.sleep(0.35)
+    h.post(event="door")  # arrives after the motion window ended, not yet dispatched
+    assert h.queue.close_windows() == 1  # the motion summary is due regardless
+    summary = h.worker.store.connection().execute("SELECT repeats FROM deliveries WHERE kind = 'summary'").fetchone()
+    assert summary[0] == 1
+
+
+def test_a_window_waits_for_an_older_undispatched_repeat(harness: Callable[..., Harness], sink: SmtpSink) -> None:
+    h = harness(ALERT_COOLDOWN_SECONDS=0.3, RECIPIENT_EMAIL="owner@example.com")
+    h.post(event="motion")
+    h.queue.dispatch()
+    h.post(event="motion")  # a repeat inside the window, not dispatched yet
+    time.sleep(0.35)
+    assert h.queue.close_windows() == 0  # closing now would lose that repeat from the summary
+    h.queue.dispatch()
+    assert h.queue.close_windows() == 1

@@ -121,10 +121,12 @@ class DeliveryQueue:
         if conn.execute("SELECT 1 FROM cooldowns WHERE closes_at <= ? LIMIT 1", (now,)).fetchone() is None:
             return 0
         with self.store.transaction() as conn:
-            # Events still waiting to be dispatched may belong to a window about to close.
-            if conn.execute("SELECT 1 FROM events WHERE dispatched = 0 LIMIT 1").fetchone() is not None:
-                return 0
-            windows = conn.execute("SELECT * FROM cooldowns WHERE closes_at <= ?", (now,)).fetchall()
+            # An event still waiting to be dispatched may be a repeat inside a window: close only
+            # windows that ended before the oldest such event was received. Under steady load this
+            # still closes windows, where "wait until nothing is pending" could wait forever.
+            oldest = conn.execute("SELECT received_at FROM events WHERE dispatched = 0 ORDER BY id LIMIT 1").fetchone()
+            cutoff = min(now, epoch(oldest[0])) if oldest is not None else now
+            windows = conn.execute("SELECT * FROM cooldowns WHERE closes_at <= ?", (cutoff,)).fetchall()
             for window in windows:
                 self._close_window(conn, window)
         return len(windows)
