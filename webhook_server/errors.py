@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from flask import Flask, Response, current_app, jsonify
-from flask_limiter import RateLimitExceeded
+from flask import Flask, Response, jsonify
 from werkzeug.exceptions import (
     BadRequest,
     Forbidden,
@@ -14,6 +12,7 @@ from werkzeug.exceptions import (
     InternalServerError,
     RequestEntityTooLarge,
     ServiceUnavailable,
+    TooManyRequests,
     Unauthorized,
     UnprocessableEntity,
     UnsupportedMediaType,
@@ -69,6 +68,16 @@ class SchemaViolation(UnprocessableEntity):
         self.fields = fields
 
 
+class RateLimited(TooManyRequests):
+    """A rate-limit window for this source and client address is full."""
+
+    code_name = "rate_limited"
+
+    def __init__(self, limit: str, retry_after: int) -> None:
+        super().__init__(f"Rate limit exceeded ({limit}); retry after the time in Retry-After.")
+        self.retry_after = retry_after
+
+
 class StoreUnavailable(ServiceUnavailable):
     code_name = "unavailable"
     description = "The event store cannot accept events right now; retry shortly."
@@ -79,8 +88,6 @@ def error_response(error: HTTPException) -> Response:
     """Render any HTTP exception in the one JSON error shape."""
     status = error.code or 500
     message = error.description or ""
-    if isinstance(error, RateLimitExceeded):
-        message = f"Rate limit exceeded ({message}); retry after the time in Retry-After."
     body: dict[str, Any] = {"error": getattr(error, "code_name", CODES.get(status, "error")), "message": message}
     if isinstance(error, SchemaViolation):
         body["fields"] = error.fields
@@ -92,20 +99,10 @@ def error_response(error: HTTPException) -> Response:
             response.headers[name] = value
     if isinstance(error, Unauthorized):
         response.headers["WWW-Authenticate"] = 'Bearer realm="webhook-server"'
-    retry_after = getattr(error, "retry_after", None) or _rate_limit_reset(error)
+    retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         response.headers["Retry-After"] = str(retry_after)
     return response
-
-
-def _rate_limit_reset(error: HTTPException) -> int | None:
-    """Seconds until the breached rate-limit window resets (at least 1)."""
-    if not isinstance(error, RateLimitExceeded):
-        return None
-    limiter = current_app.extensions.get("webhook_limiter")
-    current = limiter.current_limit if limiter else None
-    reset_at = current.reset_at if current else time.time() + 1
-    return max(1, int(reset_at - time.time()))
 
 
 def init_app(app: Flask) -> None:

@@ -19,6 +19,7 @@ graceful_timeout = 20
 keepalive = 15
 # Our own JSON logs record every request; Gunicorn's access log would repeat them.
 accesslog = None
+logger_class = "webhook_server.logs.GunicornNoAccessLogger"
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # Gunicorn's own messages in the same one-JSON-object-per-line form as the app's.

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, g, request
+from gunicorn.glogging import Logger as GunicornLogger
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged as a field.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -35,6 +36,12 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     """Send the root logger's records to stdout as JSON lines (idempotent; other handlers stay)."""
+    # Our lines carry none of the caller's file and line, thread or process names: skip
+    # collecting them on every record (the logging HOWTO's "Optimization" section).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers = [h for h in root.handlers if not getattr(h, "_webhook_server", False)]
     handler = logging.StreamHandler(stream or sys.stdout)
@@ -89,3 +96,15 @@ def init_app(app: Flask, level: str) -> None:
     configure_logging(level)
     app.before_request(_start_request)
     app.after_request(_log_request)
+
+
+class GunicornNoAccessLogger(GunicornLogger):  # type: ignore[misc]
+    """Gunicorn's logger without its access log: ours (`_log_request`) records every request.
+
+    Gunicorn builds its access-log line whenever a logging config is given, even with
+    `accesslog = None`, and drops it only at the handler: about 6% of a worker's CPU here.
+    """
+
+    @property
+    def access_log_enabled(self) -> bool:
+        return False

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,6 +95,101 @@ def write_retrying(lock: threading.Lock, operation: Callable[[], T]) -> T:
         pause = min(pause * 2, 0.001)
 
 
+def _locked(exc: sqlite3.OperationalError) -> bool:
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def begin_immediate(conn: sqlite3.Connection, patience: float = WRITE_PATIENCE_SECONDS) -> None:
+    """BEGIN IMMEDIATE, waiting for other processes with short doubling pauses (50 us to 1 ms)."""
+    pause, deadline = 0.00005, time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _locked(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.001)
+
+
+class _Write:
+    __slots__ = ("done", "error", "operation", "result")
+
+    def __init__(self, operation: Callable[[sqlite3.Connection], Any]) -> None:
+        self.operation = operation
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class GroupWriter:
+    """Short writes from the threads of one process, committed together (group commit).
+
+    The first thread to arrive leads: it takes every write queued so far, runs them in one
+    BEGIN IMMEDIATE ... COMMIT, and hands each its result; the threads that queued meanwhile
+    wait for it, and one of them leads the next group. Each write still returns only after
+    its transaction has committed. Under 32 connections one transaction per request made the
+    web processes queue for SQLite's single write lock (and sleep-retry against each other);
+    a group of writes takes that lock once and writes the shared pages once.
+
+    An operation is one statement, or one statement and a read: SQLite undoes a failed
+    statement by itself, so one write's error (given to its own caller) spoils no other.
+    """
+
+    def __init__(self, connection: Callable[[], sqlite3.Connection]) -> None:
+        self._connection = connection
+        self._cond = threading.Condition()
+        self._queue: list[_Write] = []
+        self._leading = False
+
+    def run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        item = _Write(operation)
+        with self._cond:
+            self._queue.append(item)
+            while not item.done:
+                if self._leading:
+                    self._cond.wait()
+                    continue
+                self._leading = True
+                batch, self._queue = self._queue, []
+                self._cond.release()
+                try:
+                    self._commit(batch)
+                finally:
+                    self._cond.acquire()
+                    self._leading = False
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+        result: T = item.result
+        return result
+
+    def _commit(self, batch: list[_Write]) -> None:
+        try:
+            conn = self._connection()
+            begin_immediate(conn)
+            try:
+                for item in batch:
+                    try:
+                        item.result = item.operation(conn)
+                    except Exception as exc:
+                        item.error = exc
+                conn.execute("COMMIT")
+            except BaseException:
+                with suppress(sqlite3.Error):  # a failed COMMIT may have ended it already
+                    conn.execute("ROLLBACK")
+                raise
+        except BaseException as exc:
+            for item in batch:
+                item.error = item.error or exc
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for item in batch:
+                item.done = True
+
+
 @dataclass(frozen=True)
 class StoredEvent:
     """An accepted event as subscribers, notifiers and forwarding targets see it."""
@@ -130,6 +225,7 @@ class Store:
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        self.writer = GroupWriter(self.connection)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self.connection()
         write_retrying(self._write_lock, lambda: conn.executescript(SCHEMA))
@@ -177,31 +273,23 @@ class Store:
         payload: Any,
     ) -> tuple[str, bool]:
         """Store an event durably; return (id, created). A known dedupe key returns the first id."""
-        conn = self.connection()
-        # One statement in autocommit mode is one transaction; fetchall() steps it to the end
-        # so it has committed before we answer.
-        rows = write_retrying(
-            self._write_lock,
-            lambda: conn.execute(
+        row = (source, dedupe_key, utc_now_iso(), event, device, client_ip, json.dumps(payload, ensure_ascii=False))
+
+        def insert(conn: sqlite3.Connection) -> tuple[str, bool]:
+            inserted = conn.execute(
                 "INSERT INTO events (source, dedupe_key, received_at, event, device, client_ip, payload)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
-                (
-                    source,
-                    dedupe_key,
-                    utc_now_iso(),
-                    event,
-                    device,
-                    client_ip,
-                    json.dumps(payload, ensure_ascii=False),
-                ),
-            ).fetchall(),
-        )
-        if rows:
-            return str(rows[0][0]), True
-        existing = conn.execute(
-            "SELECT id FROM events WHERE source = ? AND dedupe_key = ?", (source, dedupe_key)
-        ).fetchone()
-        return str(existing[0]), False
+                row,
+            ).fetchall()
+            if inserted:
+                return str(inserted[0][0]), True
+            existing = conn.execute(
+                "SELECT id FROM events WHERE source = ? AND dedupe_key = ?", (source, dedupe_key)
+            ).fetchone()
+            return str(existing[0]), False
+
+        # Committed (with whatever other threads of this process wrote meanwhile) on return.
+        return self.writer.run(insert)
 
     def get_event(self, event_id: int | str) -> StoredEvent | None:
         row = self.connection().execute("SELECT * FROM events WHERE id = ?", (int(event_id),)).fetchone()

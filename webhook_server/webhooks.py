@@ -18,6 +18,7 @@ from . import parsing
 from .auth import DELIVERY_ID_HEADERS, authenticate
 from .config import Settings
 from .errors import AddressNotAllowed, MalformedBody, PayloadTooLarge, StoreUnavailable
+from .ratelimit import get_rate_limits
 from .sources import Source
 from .store import get_store
 
@@ -130,6 +131,7 @@ def _string(value: Any) -> str | None:
 @bp.route("/webhook/<name>", methods=ALL_METHODS)
 def receive(name: str) -> tuple[Response, int]:
     source = resolve_source(name)
+    get_rate_limits().check(source, request.remote_addr or "-")
     body = read_body(source.max_payload_bytes or settings().max_payload_bytes)
     authenticate(source, request.headers, body)
     payload = parse_payload(source, body)
