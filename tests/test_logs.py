@@ -1,0 +1,124 @@
+"""JSON log lines written in batches from a background thread, and Gunicorn without its access log."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from webhook_server.logs import BatchingStreamHandler, GunicornNoAccessLogger, JsonFormatter
+
+
+@pytest.fixture
+def logger() -> Iterator[logging.Logger]:
+    log = logging.getLogger(f"test.batching.{time.monotonic_ns()}")
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    yield log
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _handler(stream: io.StringIO | io.TextIOWrapper) -> BatchingStreamHandler:
+    handler = BatchingStreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    return handler
+
+
+def _messages(text: str) -> list[str]:
+    return [json.loads(line)["message"] for line in text.splitlines()]
+
+
+def _wait_for(predicate: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:  # type: ignore[operator]
+        time.sleep(0.01)
+
+
+def test_lines_reach_the_stream_soon_in_order(logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    logger.addHandler(_handler(stream))
+    for n in range(200):
+        logger.info("line %d", n, extra={"n": n})
+    _wait_for(lambda: stream.getvalue().count("\n") == 200)
+    assert _messages(stream.getvalue()) == [f"line {n}" for n in range(200)]
+    assert json.loads(stream.getvalue().splitlines()[7])["n"] == 7
+
+
+def test_lines_are_not_written_one_by_one(logger: logging.Logger) -> None:
+    class CountingStream(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    stream = CountingStream()
+    logger.addHandler(_handler(stream))
+    for n in range(100):
+        logger.info("line %d", n)
+    _wait_for(lambda: stream.getvalue().count("\n") == 100)
+    assert stream.writes < 10
+
+
+def test_an_error_is_written_before_the_call_returns_with_the_lines_before_it(logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    logger.addHandler(_handler(stream))
+    logger.info("before")
+    logger.error("broken")
+    assert _messages(stream.getvalue()) == ["before", "broken"]
+
+
+def test_close_writes_what_is_left(logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    handler = _handler(stream)
+    logger.addHandler(handler)
+    for n in range(5):
+        logger.warning("w%d", n)
+    handler.close()
+    assert _messages(stream.getvalue()) == [f"w{n}" for n in range(5)]
+
+
+def test_a_closed_stream_is_not_an_error(logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    logger.addHandler(_handler(stream))
+    stream.close()
+    logger.error("nowhere to go")  # must not raise
+    logger.info("nor this")
+
+
+def test_a_forked_child_logs_through_its_own_writer(logger: logging.Logger, tmp_path: Path) -> None:
+    out = tmp_path / "log.jsonl"
+    with open(out, "w", encoding="utf-8") as stream:
+        handler = _handler(stream)
+        logger.addHandler(handler)
+        logger.info("parent before")
+        pid = os.fork()
+        if pid == 0:  # the child: its writer thread did not survive the fork
+            try:
+                logger.info("child")
+                _wait_for(lambda: False, timeout=0.3)
+                handler.flush()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        logger.info("parent after")
+        handler.close()
+    assert sorted(_messages(out.read_text(encoding="utf-8"))) == ["child", "parent after", "parent before"]
+
+
+def test_gunicorn_builds_no_access_log_line() -> None:
+    from gunicorn.config import Config
+
+    config = Config()
+    config.set("logconfig_dict", {"version": 1, "disable_existing_loggers": False})
+    log = GunicornNoAccessLogger(config)
+    # Gunicorn's own Logger turns access logging on whenever a logging config is given.
+    assert log.access_log_enabled is False
