@@ -284,7 +284,7 @@ def test_housekeeping_drops_expired_rate_limit_counters(tmp_path: Path) -> None:
     from webhook_server.ratelimit import SQLiteStorage, storage_uri
 
     h = Harness(tmp_path)
-    storage = SQLiteStorage(storage_uri(h.settings.data_dir, None))
+    storage = SQLiteStorage(storage_uri(h.settings.database_path, None))
     storage.incr("gone", expiry=0)
     storage.incr("kept", expiry=60)
     time.sleep(0.01)

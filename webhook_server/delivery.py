@@ -318,7 +318,7 @@ class Worker:
         """Drop rate-limit windows that ended, so the counters file stays small."""
         if self.settings.redis_url:
             return  # Redis expires its own keys
-        storage = SQLiteStorage(storage_uri(self.settings.data_dir, None))
+        storage = SQLiteStorage(storage_uri(self.settings.database_path, None))
         removed = storage.purge_expired()
         if removed:
             log.debug("purged %s expired rate-limit counters", removed)

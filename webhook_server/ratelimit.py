@@ -29,10 +29,25 @@ log = logging.getLogger(__name__)
 EXTENSION_KEY = "webhook_limiter"
 
 
+def increment(conn: sqlite3.Connection, key: str, expiry: float, amount: int = 1) -> tuple[int, float]:
+    """Add to a fixed-window counter, starting a new window if its last one ended: (count, end)."""
+    now = time.time()
+    row = conn.execute(
+        "INSERT INTO counters (key, count, expires_at) VALUES (?, ?, ?)"
+        " ON CONFLICT(key) DO UPDATE SET"
+        "  count = CASE WHEN expires_at <= ? THEN excluded.count ELSE count + excluded.count END,"
+        "  expires_at = CASE WHEN expires_at <= ? THEN excluded.expires_at ELSE expires_at END"
+        " RETURNING count, expires_at",
+        (key, amount, now + expiry, now, now),
+    ).fetchone()
+    return int(row[0]), float(row[1])
+
+
 class SQLiteStorage(Storage):
     """A fixed-window counter store for `limits`, shared by every process on the host.
 
-    URI: ``sqlite:///absolute/path/limits.sqlite3``.
+    URI: ``sqlite:///absolute/path/file.sqlite3``. The server points it at the event store's
+    own file, so that an accepted event and its count are one transaction (`Hit.count_in`).
     """
 
     STORAGE_SCHEME = ["sqlite"]
@@ -70,19 +85,9 @@ class SQLiteStorage(Storage):
         return conn
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
-        now = time.time()
         # Committed together with the other threads' increments (see GroupWriter).
-        row = self._writer.run(
-            lambda conn: conn.execute(
-                "INSERT INTO counters (key, count, expires_at) VALUES (?, ?, ?)"
-                " ON CONFLICT(key) DO UPDATE SET"
-                "  count = CASE WHEN expires_at <= ? THEN excluded.count ELSE count + excluded.count END,"
-                "  expires_at = CASE WHEN expires_at <= ? THEN excluded.expires_at ELSE expires_at END"
-                " RETURNING count",
-                (key, amount, now + expiry, now, now),
-            ).fetchall()
-        )
-        return int(row[0][0])
+        count, _ = self._writer.run(lambda conn: increment(conn, key, expiry, amount))
+        return count
 
     def get(self, key: str) -> int:
         row = (
@@ -119,10 +124,57 @@ class SQLiteStorage(Storage):
         )
 
 
-def storage_uri(data_dir: Path, redis_url: str | None) -> str:
+def storage_uri(database_path: Path, redis_url: str | None) -> str:
+    """Redis when configured, else the event store's own SQLite file."""
     if redis_url:
         return redis_url
-    return f"sqlite:///{(data_dir / 'ratelimits.sqlite3').resolve()}"
+    return f"sqlite:///{database_path.resolve()}"
+
+
+def _refusal(item: RateLimitItem, reset_at: float) -> RateLimited:
+    return RateLimited(str(item), max(1, math.ceil(reset_at - time.time())))
+
+
+class Hit:
+    """One request's count against its source's limits, for the client's address.
+
+    It is written either at once (`count`: Redis, or a request refused before its event is
+    stored) or inside the accepted event's own transaction (`count_in`: SQLite counters,
+    which live in the event store's file), so an accepted event costs one write, not two.
+    """
+
+    def __init__(self, limits: RateLimits, items: list[RateLimitItem], identifiers: tuple[str, str]) -> None:
+        self.limits = limits
+        self.items = items
+        self.identifiers = identifiers
+        self.counted = False
+
+    def count(self) -> None:
+        """Count the request now; raise `RateLimited` when a window is over its limit."""
+        if self.counted:
+            return
+        self.counted = True
+        strategy = self.limits.strategy
+        for item in self.items:
+            if not strategy.hit(item, *self.identifiers):
+                raise _refusal(item, strategy.get_window_stats(item, *self.identifiers).reset_time)
+
+    def count_quietly(self) -> None:
+        """Count a request that is being refused anyway (401, 400, ...): nothing is raised."""
+        try:
+            self.count()
+        except Exception:  # over the limit, or a broken counter store: the refusal stands
+            log.debug("could not count a refused request", exc_info=True)
+
+    def count_in(self, conn: sqlite3.Connection) -> None:
+        """Count the request in the transaction that stores its event (SQLite counters only)."""
+        if self.counted:
+            return
+        self.counted = True
+        for item in self.items:
+            count, reset_at = increment(conn, item.key_for(*self.identifiers), item.get_expiry())
+            if count > item.amount:
+                raise _refusal(item, reset_at)
 
 
 class RateLimits:
@@ -139,6 +191,9 @@ class RateLimits:
         self.storage = storage
         self.strategy = FixedWindowRateLimiter(storage)
         self.default = default
+        # SQLite counters share the event store's file: an accepted event is counted in its
+        # own transaction, and `check` only reads.
+        self.counted_with_event = isinstance(storage, SQLiteStorage)
         self._parsed: dict[str, list[RateLimitItem]] = {}
 
     def items(self, limit: str) -> list[RateLimitItem]:
@@ -148,21 +203,22 @@ class RateLimits:
             items = self._parsed[limit] = sorted(parse_many(limit))
         return items
 
-    def check(self, source: Source, client: str) -> None:
-        """Count this request; raise `RateLimited` when a window is full.
+    def check(self, source: Source, client: str) -> Hit:
+        """Refuse with `RateLimited` when a window is full; else the request's pending `Hit`.
 
         A broken store (Redis down, a locked file) lets the request through: a limiter
         failure must never stop an alarm from being accepted.
         """
+        hit = Hit(self, self.items(source.rate_limit or self.default), (source.name, client))
         try:
-            for item in self.items(source.rate_limit or self.default):
-                if not self.strategy.hit(item, source.name, client):
-                    reset_at = self.strategy.get_window_stats(item, source.name, client).reset_time
-                    raise RateLimited(str(item), max(1, math.ceil(reset_at - time.time())))
+            if not self.counted_with_event or any(not self.strategy.test(item, *hit.identifiers) for item in hit.items):
+                hit.count()
         except RateLimited:
             raise
         except Exception:
+            hit.counted = True  # not again, in the event's transaction
             log.warning("rate limit storage failed; letting the request through", exc_info=True)
+        return hit
 
 
 def init_app(app: Flask, uri: str, default: str) -> RateLimits:

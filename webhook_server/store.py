@@ -321,11 +321,18 @@ class Store:
         device: str,
         client_ip: str | None,
         payload: Any,
+        before: Callable[[sqlite3.Connection], None] | None = None,
     ) -> tuple[str, bool]:
-        """Store an event durably; return (id, created). A known dedupe key returns the first id."""
+        """Store an event durably; return (id, created). A known dedupe key returns the first id.
+
+        `before` runs first in the same transaction (the rate-limit count); what it raises
+        is raised here, and the event is not stored.
+        """
         row = (source, dedupe_key, utc_now_iso(), event, device, client_ip, json.dumps(payload, ensure_ascii=False))
 
         def insert(conn: sqlite3.Connection) -> tuple[str, bool]:
+            if before is not None:
+                before(conn)
             inserted = conn.execute(
                 "INSERT INTO events (source, dedupe_key, received_at, event, device, client_ip, payload)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",

@@ -11,7 +11,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.blueprints import BlueprintSetupState
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Rule
 
 from . import parsing
@@ -131,15 +131,19 @@ def _string(value: Any) -> str | None:
 @bp.route("/webhook/<name>", methods=ALL_METHODS)
 def receive(name: str) -> tuple[Response, int]:
     source = resolve_source(name)
-    get_rate_limits().check(source, request.remote_addr or "-")
-    body = read_body(source.max_payload_bytes or settings().max_payload_bytes)
-    authenticate(source, request.headers, body)
-    payload = parse_payload(source, body)
-    parsing.validate(source.validator, payload, particle=source.parser == "particle")
-    event, device, dedupe_key = describe(source, payload)
+    hit = get_rate_limits().check(source, request.remote_addr or "-")
+    try:
+        body = read_body(source.max_payload_bytes or settings().max_payload_bytes)
+        authenticate(source, request.headers, body)
+        payload = parse_payload(source, body)
+        parsing.validate(source.validator, payload, particle=source.parser == "particle")
+        event, device, dedupe_key = describe(source, payload)
+    except HTTPException:
+        hit.count_quietly()  # refused requests count too: guessing a secret is limited
+        raise
     try:
         event_id, created = get_store().insert_event(
-            source.name, dedupe_key, event, device, request.remote_addr, payload
+            source.name, dedupe_key, event, device, request.remote_addr, payload, before=hit.count_in
         )
     except sqlite3.Error as exc:
         current_app.logger.error("event store refused a write: %s", exc)
