@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -73,7 +74,7 @@ class SQLiteStorage(Storage):
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():  # none, or the parent's
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
             # Two workers may open a new database at once: switching it to WAL needs the lock.
@@ -82,6 +83,7 @@ class SQLiteStorage(Storage):
             conn.execute("PRAGMA synchronous=OFF")
             conn.execute("PRAGMA wal_autocheckpoint=0")  # the writer checkpoints (store.Checkpointer)
             self._local.conn = conn
+            self._local.pid = os.getpid()
         return conn
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:

@@ -77,7 +77,8 @@ def read_body(limit: int) -> bytes:
     # or one byte past the limit.
     chunks: list[bytes] = []
     size = 0
-    while size <= limit:
+    expected = request.content_length
+    while size <= limit and size != expected:  # with a Content-Length, no read past the end
         try:
             chunk = request.stream.read(limit + 1 - size)
         # The server raises its own parse errors (a bad chunk size, a client gone mid-body):
