@@ -315,3 +315,34 @@ def test_a_window_waits_for_an_older_undispatched_repeat(harness: Callable[..., 
     assert h.queue.close_windows() == 0  # closing now would lose that repeat from the summary
     h.queue.dispatch()
     assert h.queue.close_windows() == 1
+
+
+def _rows_in_database_file(path: Path) -> int:
+    """Events in the database file itself, without the WAL: those a checkpoint has copied."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{path}?immutable=1", uri=True) as conn:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone() is None:
+            return 0  # even the schema is still only in the WAL
+        return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+
+def test_the_web_side_leaves_checkpoints_to_the_worker(tmp_path: Path) -> None:
+    """A checkpoint's fsync must not land on a webhook's request: the worker's loop does it."""
+    import threading
+
+    h = Harness(tmp_path)
+    for n in range(6):
+        h.post(event=f"e{n}")
+    assert _rows_in_database_file(h.settings.database_path) == 0
+    stop = threading.Event()
+    runner = threading.Thread(target=h.worker.run, args=(stop,))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while _rows_in_database_file(h.settings.database_path) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        runner.join(timeout=10)
+    assert _rows_in_database_file(h.settings.database_path) == 6

@@ -167,3 +167,18 @@ def test_the_wal_stays_small_under_many_writes(tmp_path: Path) -> None:
     wal = path.with_name(path.name + "-wal")
     # Checkpointed and restarted as it goes: far below 400 transactions' worth of pages.
     assert wal.stat().st_size < 400 * 4096
+
+
+def test_the_fallback_checkpoints_only_after_enough_commits(tmp_path: Path) -> None:
+    path = tmp_path / "g.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    writer = GroupWriter(lambda: conn, Checkpointer(interval=0.0, min_commits=3))
+    writer.run(lambda c: c.execute("CREATE TABLE t (k TEXT PRIMARY KEY)"))
+    writer.run(lambda c: c.execute("INSERT INTO t VALUES ('a')"))
+    main_file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    assert main_file.execute("SELECT name FROM sqlite_master").fetchall() == []
+    writer.run(lambda c: c.execute("INSERT INTO t VALUES ('b')"))  # the third commit
+    main_file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    assert main_file.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 2

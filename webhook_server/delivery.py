@@ -330,6 +330,8 @@ class Worker:
         while not stop.is_set():
             try:
                 busy = self.run_once()
+                # The web processes leave WAL checkpoints to us (see store.Checkpointer).
+                self.store.checkpointer.maybe(self.store.connection())
                 if time.monotonic() >= next_housekeeping:
                     self.housekeeping()
                     next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS

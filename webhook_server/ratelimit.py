@@ -23,7 +23,7 @@ from limits.strategies import FixedWindowRateLimiter
 
 from .errors import RateLimited
 from .sources import Source
-from .store import Checkpointer, GroupWriter, write_retrying
+from .store import WEB_CHECKPOINT_COMMITS, Checkpointer, GroupWriter, write_retrying
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class SQLiteStorage(Storage):
         self.path = Path(unquote(urlparse(uri).path))
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        self._writer = GroupWriter(self._connection, Checkpointer())
+        # Web processes only: the delivery worker checkpoints this file (the event store's).
+        self._writer = GroupWriter(self._connection, Checkpointer(min_commits=WEB_CHECKPOINT_COMMITS))
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
         conn = self._connection()
         write_retrying(

@@ -114,29 +114,39 @@ def begin_immediate(conn: sqlite3.Connection, patience: float = WRITE_PATIENCE_S
 
 
 CHECKPOINT_SECONDS = 0.5
+# About SQLite's own 1,000-page threshold: a few pages per commit, several events per commit.
+WEB_CHECKPOINT_COMMITS = 1000
 
 
 class Checkpointer:
-    """A PASSIVE WAL checkpoint at most every `interval` seconds in this process.
+    """A PASSIVE WAL checkpoint at most every `interval` seconds, and after `min_commits`.
 
     SQLite's automatic checkpoint runs in whichever connection commits once the WAL passes
     1,000 pages. With several processes and threads there is nearly always a reader on the
     old frames, so the WAL cannot restart, stays over the threshold, and every commit tried a
     checkpoint (two fsyncs each): half the CPU of an insert here. Connections turn that off
-    (`wal_autocheckpoint=0`) and writers call `maybe` after they commit instead.
+    (`wal_autocheckpoint=0`) and call `maybe` after they commit instead.
+
+    The delivery worker checkpoints on its timer (`min_commits=0`), off the request path. The
+    web processes do it only as a fallback, after many commits (when no worker runs): a
+    checkpoint's fsync would otherwise land on a request, nearly every one at Particle's pace.
     """
 
-    def __init__(self, interval: float = CHECKPOINT_SECONDS) -> None:
+    def __init__(self, interval: float = CHECKPOINT_SECONDS, min_commits: int = 0) -> None:
         self.interval = interval
+        self.min_commits = min_commits
+        self._commits = 0
         self._due = 0.0
         self._lock = threading.Lock()
 
     def maybe(self, conn: sqlite3.Connection) -> None:
+        self._commits += 1  # not exact across threads; it only paces the fallback
         now = time.monotonic()
-        if now < self._due or not self._lock.acquire(blocking=False):
+        if self._commits < self.min_commits or now < self._due or not self._lock.acquire(blocking=False):
             return
         try:
             self._due = now + self.interval
+            self._commits = 0
             # PASSIVE never waits: busy (another process checkpointing) just means later.
             with suppress(sqlite3.Error):
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -267,12 +277,13 @@ def utc_now_iso() -> str:
 class Store:
     """Connections to one SQLite database, one per thread and process."""
 
-    def __init__(self, path: Path, busy_timeout_ms: int = 5000) -> None:
+    def __init__(self, path: Path, busy_timeout_ms: int = 5000, checkpoint_after: int = 0) -> None:
+        """`checkpoint_after`: commits between this process's WAL checkpoints (see Checkpointer)."""
         self.path = Path(path)
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        self.checkpointer = Checkpointer()
+        self.checkpointer = Checkpointer(min_commits=checkpoint_after)
         self.writer = GroupWriter(self.connection, self.checkpointer)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = self.connection()
@@ -393,8 +404,9 @@ def event_from_row(row: sqlite3.Row) -> StoredEvent:
 
 
 def init_app(app: Flask, path: Path) -> Store:
-    # The web side retries locked writes itself (write_retrying), so SQLite must not sleep.
-    store = Store(path, busy_timeout_ms=0)
+    # The web side retries locked writes itself (write_retrying), so SQLite must not sleep;
+    # the delivery worker checkpoints the WAL, the web processes only when it seems not to run.
+    store = Store(path, busy_timeout_ms=0, checkpoint_after=WEB_CHECKPOINT_COMMITS)
     app.extensions[EXTENSION_KEY] = store
     return store
 
