@@ -122,3 +122,59 @@ def test_gunicorn_builds_no_access_log_line() -> None:
     log = GunicornNoAccessLogger(config)
     # Gunicorn's own Logger turns access logging on whenever a logging config is given.
     assert log.access_log_enabled is False
+
+
+def test_each_write_is_whole_lines_within_pipe_buf(logger: logging.Logger) -> None:
+    class RecordingStream(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.chunks: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.chunks.append(text)
+            return super().write(text)
+
+    stream = RecordingStream()
+    handler = _handler(stream)
+    logger.addHandler(handler)
+    for n in range(300):
+        logger.info("line %d %s", n, "é" * (n % 50))
+    handler.close()
+    assert len(stream.chunks) > 1
+    for chunk in stream.chunks:
+        assert chunk.endswith("\n") and len(chunk.encode()) <= BatchingStreamHandler.WRITE_BYTES
+        for line in chunk.splitlines():
+            json.loads(line)
+    assert len(_messages(stream.getvalue())) == 300
+
+
+def test_a_line_that_cannot_be_encoded_spoils_no_other(logger: logging.Logger, tmp_path: Path) -> None:
+    out = tmp_path / "log.jsonl"
+    with open(out, "w", encoding="utf-8") as stream:
+        handler = _handler(stream)
+        logger.addHandler(handler)
+        logger.info("before")
+        logger.info("lone surrogate \ud800 here")
+        logger.info("after")
+        handler.close()
+    assert _messages(out.read_text(encoding="utf-8")) == ["before", "lone surrogate ? here", "after"]
+
+
+def test_lines_after_close_are_still_written(logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    handler = _handler(stream)
+    logger.addHandler(handler)
+    handler.close()
+    logger.info("late")
+    assert _messages(stream.getvalue()) == ["late"]
+
+
+def test_a_flood_of_lines_is_written_by_the_logging_threads_themselves(logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    handler = _handler(stream)
+    handler.MAX_WAITING = 10  # type: ignore[misc]
+    logger.addHandler(handler)
+    for n in range(25):
+        logger.info("n%d", n)
+    # Without a writer having run, at most MAX_WAITING lines are left waiting.
+    assert stream.getvalue().count("\n") >= 15

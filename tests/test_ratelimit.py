@@ -131,3 +131,25 @@ def test_a_broken_counter_store_lets_events_through(make_app: Callable[..., Flas
         for n in range(3)
     ]
     assert statuses == [202, 202, 202]
+
+
+def test_a_data_dir_with_url_characters_works(make_app: Callable[..., Flask], tmp_path: Path) -> None:
+    data_dir = tmp_path / "alarms#2 %41"
+    client = make_app(DATA_DIR=str(data_dir), RATE_LIMIT="5/minute").test_client()
+    assert client.post("/webhook/particle", json=particle_event(), headers=bearer()).status_code == 202
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("alarms")) == ["alarms#2 %41"]
+
+
+def test_a_counter_that_cannot_be_written_lets_the_event_through(tmp_path: Path) -> None:
+    limits, store = _limits(tmp_path, "5/minute")
+    hit = limits.check(SOURCE, "192.0.2.1")
+    store.connection().execute("DROP TABLE counters")
+    assert store.insert_event("particle", "k", "e", "d", None, {}, before=hit.count_in)[1] is True
+    assert _events(store) == 1
+
+
+def test_counter_connections_keep_the_event_store_durable(tmp_path: Path) -> None:
+    limits, _ = _limits(tmp_path, "5/minute")
+    assert isinstance(limits.storage, SQLiteStorage)
+    # NORMAL (1), not OFF (0): the counters share the event store's file.
+    assert limits.storage._connection().execute("PRAGMA synchronous").fetchone()[0] == 1

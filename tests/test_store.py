@@ -5,7 +5,9 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,46 @@ def test_the_fallback_checkpoints_only_after_enough_commits(tmp_path: Path) -> N
     writer.run(lambda c: c.execute("INSERT INTO t VALUES ('b')"))  # the third commit
     main_file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
     assert main_file.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 2
+
+
+def test_a_transaction_lost_mid_group_fails_every_write_and_stores_none(tmp_path: Path) -> None:
+    from webhook_server.store import GroupAborted
+
+    writer, conn = _writer(tmp_path / "g.sqlite3")
+    outcomes: dict[str, object] = {}
+
+    def hold(c: sqlite3.Connection) -> None:
+        # Lead a group of one until the next three writes are queued behind it.
+        deadline = time.monotonic() + 5
+        while len(writer._queue) < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def lost(c: sqlite3.Connection) -> None:
+        # What SQLite does on an I/O error: it rolls the whole transaction back.
+        c.execute("ROLLBACK")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    def call(name: str, operation: Callable[[sqlite3.Connection], object]) -> None:
+        try:
+            outcomes[name] = writer.run(operation)
+        except sqlite3.Error as exc:
+            outcomes[name] = exc
+
+    first = threading.Thread(target=writer.run, args=(hold,))
+    first.start()
+    time.sleep(0.02)
+    threads = []
+    for name, operation in (
+        ("before", lambda c: c.execute("INSERT INTO t VALUES ('before', 1)").rowcount),
+        ("lost", lost),
+        ("after", lambda c: c.execute("INSERT INTO t VALUES ('after', 2)").rowcount),
+    ):
+        thread = threading.Thread(target=call, args=(name, operation))
+        thread.start()
+        threads.append(thread)
+        time.sleep(0.02)
+    for thread in [first, *threads]:
+        thread.join(timeout=10)
+    assert all(isinstance(outcomes[name], GroupAborted) for name in ("before", "lost", "after")), outcomes
+    assert conn.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 0
+    assert writer.run(lambda c: c.execute("INSERT INTO t VALUES ('later', 3)").rowcount) == 1

@@ -44,7 +44,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     logs.init_app(app, settings.log_level)
     security.init_app(app, settings.trusted_proxies)
     store.init_app(app, settings.database_path)
-    metrics.init_app(app)  # before the rate limiter, so its timer sees 429s too
+    metrics.init_app(app)
     ratelimit.init_app(app, ratelimit.storage_uri(settings.database_path, settings.redis_url), settings.rate_limit)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(health.bp)

@@ -428,10 +428,7 @@ def _count_webhook(response: Response) -> Response:
 
 
 def init_app(app: Flask) -> None:
-    """The /metrics endpoint and the per-request counts.
-
-    Call it before the rate limiter is set up, so the timer starts before a 429 is decided.
-    """
+    """The /metrics endpoint and the per-request counts (429s included: the view decides them)."""
     web_metrics()
     app.before_request(_start_timer)
     app.after_request(_count_webhook)

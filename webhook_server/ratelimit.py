@@ -2,7 +2,7 @@
 
 Counts must be shared by every Gunicorn worker (flask-limiter's `memory://` keeps one count
 per process, so two workers let twice the limit through). Without Redis the counters live in
-a small SQLite database beside the event store; with REDIS_URL they live in Redis.
+a table of the event store's SQLite file; with REDIS_URL they live in Redis.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 from flask import Flask, current_app
 from limits import RateLimitItem, parse_many
@@ -23,7 +23,7 @@ from limits.strategies import FixedWindowRateLimiter
 
 from .errors import RateLimited
 from .sources import Source
-from .store import WEB_CHECKPOINT_COMMITS, Checkpointer, GroupWriter, write_retrying
+from .store import GroupWriter, write_retrying
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,8 @@ class SQLiteStorage(Storage):
         self.path = Path(unquote(urlparse(uri).path))
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        # Web processes only: the delivery worker checkpoints this file (the event store's).
-        self._writer = GroupWriter(self._connection, Checkpointer(min_commits=WEB_CHECKPOINT_COMMITS))
+        # No checkpoints from here: the event store's writers and the delivery worker make them.
+        self._writer = GroupWriter(self._connection, None)
         super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
         conn = self._connection()
         write_retrying(
@@ -80,9 +80,9 @@ class SQLiteStorage(Storage):
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
             # Two workers may open a new database at once: switching it to WAL needs the lock.
             write_retrying(self._write_lock, lambda: conn.execute("PRAGMA journal_mode=WAL").fetchall())
-            # Counters are not precious: a lost increment on power loss is acceptable.
-            conn.execute("PRAGMA synchronous=OFF")
-            conn.execute("PRAGMA wal_autocheckpoint=0")  # the writer checkpoints (store.Checkpointer)
+            # The file is the event store's: its durability setting, whatever a counter is worth.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints: see store.Checkpointer
             self._local.conn = conn
             self._local.pid = os.getpid()
         return conn
@@ -131,7 +131,7 @@ def storage_uri(database_path: Path, redis_url: str | None) -> str:
     """Redis when configured, else the event store's own SQLite file."""
     if redis_url:
         return redis_url
-    return f"sqlite:///{database_path.resolve()}"
+    return f"sqlite:///{quote(str(database_path.resolve()))}"  # a '#' or '%' in DATA_DIR stays itself
 
 
 def _refusal(item: RateLimitItem, reset_at: float) -> RateLimited:
@@ -170,12 +170,19 @@ class Hit:
             log.debug("could not count a refused request", exc_info=True)
 
     def count_in(self, conn: sqlite3.Connection) -> None:
-        """Count the request in the transaction that stores its event (SQLite counters only)."""
+        """Count the request in the transaction that stores its event (SQLite counters only).
+
+        A counter that cannot be written lets the event through, as in `RateLimits.check`.
+        """
         if self.counted:
             return
         self.counted = True
         for item in self.items:
-            count, reset_at = increment(conn, item.key_for(*self.identifiers), item.get_expiry())
+            try:
+                count, reset_at = increment(conn, item.key_for(*self.identifiers), item.get_expiry())
+            except sqlite3.Error:
+                log.warning("rate limit counter not written; letting the event through", exc_info=True)
+                return
             if count > item.amount:
                 raise _refusal(item, reset_at)
 

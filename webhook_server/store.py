@@ -57,6 +57,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_attempt_at) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries(id) WHERE status = 'dead';
 
+-- Rate-limit windows (ratelimit.SQLiteStorage), here so that an accepted event is counted in
+-- the transaction that stores it.
+CREATE TABLE IF NOT EXISTS counters (
+    key TEXT PRIMARY KEY,
+    count INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS cooldowns (
     source TEXT NOT NULL,
     event TEXT NOT NULL,
@@ -128,8 +136,11 @@ class Checkpointer:
     (`wal_autocheckpoint=0`) and call `maybe` after they commit instead.
 
     The delivery worker checkpoints on its timer (`min_commits=0`), off the request path. The
-    web processes do it only as a fallback, after many commits (when no worker runs): a
-    checkpoint's fsync would otherwise land on a request, nearly every one at Particle's pace.
+    web processes also checkpoint after every `min_commits` commits, so the WAL stays bounded
+    when no worker runs; that checkpoint delays the one request that leads the group. On a
+    0.5 s timer in the web processes, a checkpoint's fsync landed on nearly every request at
+    Particle's pace. Only connections with synchronous=NORMAL or FULL may checkpoint: one with
+    OFF would copy frames into the database file without an fsync.
     """
 
     def __init__(self, interval: float = CHECKPOINT_SECONDS, min_commits: int = 0) -> None:
@@ -154,15 +165,18 @@ class Checkpointer:
             self._lock.release()
 
 
+class GroupAborted(sqlite3.OperationalError):
+    """The group's transaction ended before its COMMIT: nothing of it was stored."""
+
+
 class _Write:
-    __slots__ = ("done", "error", "lead", "operation", "result", "wake")
+    __slots__ = ("error", "lead", "operation", "result", "wake")
 
     def __init__(self, operation: Callable[[sqlite3.Connection], Any]) -> None:
         self.operation = operation
-        self.done = False
         self.lead = False
         self.result: Any = None
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
         self.wake = threading.Lock()
         self.wake.acquire()  # released by the leader that wrote it, or that hands over the lead
 
@@ -178,11 +192,13 @@ class GroupWriter:
     other); a group takes that lock once and writes the shared pages once. Each waiting thread
     is woken exactly once (a context switch costs more than the write in this VM).
 
-    An operation is one statement, or one statement and a read: SQLite undoes a failed
-    statement by itself, so one write's error (given to its own caller) spoils no other.
+    An operation's error goes to its own caller and spoils no other write: SQLite undoes the
+    failing statement, and what the operation executed before it stays in the transaction
+    (the count of a request refused by its rate limit is meant to). An error that ends the
+    whole transaction (an I/O error) fails every write of the group, none of them stored.
     """
 
-    def __init__(self, connection: Callable[[], sqlite3.Connection], checkpointer: Checkpointer) -> None:
+    def __init__(self, connection: Callable[[], sqlite3.Connection], checkpointer: Checkpointer | None) -> None:
         self._connection = connection
         self._checkpointer = checkpointer
         self._mutex = threading.Lock()
@@ -220,7 +236,8 @@ class GroupWriter:
             if following is not None:
                 following.lead = True
                 following.wake.release()
-        self._checkpointer.maybe(self._connection())
+        if self._checkpointer is not None:
+            self._checkpointer.maybe(self._connection())
 
     def _commit(self, batch: list[_Write]) -> None:
         try:
@@ -232,19 +249,21 @@ class GroupWriter:
                         item.result = item.operation(conn)
                     except Exception as exc:
                         item.error = exc
+                        if not conn.in_transaction:  # SQLite rolled the whole group back
+                            raise GroupAborted(f"the group's transaction ended: {exc}") from exc
                 conn.execute("COMMIT")
             except BaseException:
                 with suppress(sqlite3.Error):  # a failed COMMIT may have ended it already
                     conn.execute("ROLLBACK")
                 raise
-        except BaseException as exc:
+        except Exception as exc:
+            for item in batch:  # nothing of the group is stored, whatever each one returned
+                item.error = exc
+        except BaseException:
+            interrupted = GroupAborted("the group's transaction was interrupted")
             for item in batch:
-                item.error = item.error or exc
-            if not isinstance(exc, Exception):
-                raise
-        finally:
-            for item in batch:
-                item.done = True
+                item.error = interrupted
+            raise
 
 
 @dataclass(frozen=True)
