@@ -181,6 +181,8 @@ class Hit:
             try:
                 count, reset_at = increment(conn, item.key_for(*self.identifiers), item.get_expiry())
             except sqlite3.Error:
+                if not conn.in_transaction:  # the error ended the group's transaction: abort it
+                    raise
                 log.warning("rate limit counter not written; letting the event through", exc_info=True)
                 return
             if count > item.amount:
