@@ -65,7 +65,9 @@ def test_lines_are_not_written_one_by_one(logger: logging.Logger) -> None:
     for n in range(100):
         logger.info("line %d", n)
     _wait_for(lambda: stream.getvalue().count("\n") == 100)
-    assert stream.writes < 10
+    # A few batches (more on a slow machine), each of a few PIPE_BUF-sized writes: far fewer
+    # writes than lines.
+    assert stream.writes <= 25
 
 
 def test_an_error_is_written_before_the_call_returns_with_the_lines_before_it(logger: logging.Logger) -> None:
