@@ -14,20 +14,13 @@ HEADERS = {
     "Cache-Control": "no-store",
 }
 HSTS = "max-age=63072000; includeSubDomains"
-_LOWER = {name.lower() for name in HEADERS}
-
-
-_MISSING_ALL = list(HEADERS.items())
 
 
 def add_headers(response: Response) -> Response:
     headers = response.headers
     present = {name.lower() for name, _ in headers}
     # One pass over the few headers there are, not a scan per header (Headers.setdefault).
-    if present.isdisjoint(_LOWER):
-        headers.extend(_MISSING_ALL)
-    else:
-        headers.extend([(name, value) for name, value in _MISSING_ALL if name.lower() not in present])
+    headers.extend([(name, value) for name, value in HEADERS.items() if name.lower() not in present])
     if request.is_secure and "strict-transport-security" not in present:
         headers.add("Strict-Transport-Security", HSTS)
     return response
