@@ -48,9 +48,10 @@ def particle_form_schema(schema: dict[str, Any]) -> dict[str, Any]:
         "data": {"type": "string", "description": "May be empty."},
         "coreid": schema["properties"]["coreid"],
         "published_at": schema["properties"]["published_at"],
-        "fw_version": {"type": "string", "pattern": "^[0-9]{1,10}$"},
-        "public": {"type": "string", "enum": ["true", "false"]},
-        "userid": schema["properties"]["userid"],
+        # Optional fields are never refused, whatever their text (see schemas/particle.json).
+        "fw_version": {"type": "string", **schema["properties"]["fw_version"]},
+        "public": {"type": "string", **schema["properties"]["public"]},
+        "userid": {"type": "string", **schema["properties"]["userid"]},
     }
     return {
         "title": "Particle webhook event (form-encoded)",

@@ -73,7 +73,7 @@ def particle_form(document: dict[str, Any]) -> dict[str, str]:
         "data": "",
         "coreid": "api",
         "published_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "fw_version": "1",
+        "fw_version": "",  # as the console's test event sends it
         "public": "false",
     }
     fields.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in document.items()})
