@@ -1,6 +1,12 @@
 """Gunicorn settings for `webhook-server web` and `serve` (`gunicorn -c python:webhook_server.gunicorn_conf`)."""
 
 import os
+import sys
+from typing import Any
+
+from webhook_server.metrics import child_exit as mark_process_dead
+from webhook_server.metrics import clear_stale_files
+from webhook_server.ports import PortInUse, check_free
 
 bind = os.environ.get("BIND", "127.0.0.1:5000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -27,7 +33,15 @@ logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "webhook_server.logs.JsonFormatter"}},
-    "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+    "filters": {"listening": {"()": "webhook_server.logs.WithoutEmptyListeningLine"}},
+    "handlers": {
+        "stdout": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "filters": ["listening"],
+            "stream": "ext://sys.stdout",
+        }
+    },
     # The app attaches its own JSON handler to the root logger (webhook_server.logs).
     "root": {"level": loglevel.upper(), "handlers": []},
     "loggers": {
@@ -43,13 +57,24 @@ limit_request_field_size = 16384
 # Prometheus multiprocess mode (webhook_server.metrics): clear the files an earlier run left,
 # and take a dead worker's live gauges out of the sums. Both do nothing without
 # PROMETHEUS_MULTIPROC_DIR (plain `gunicorn "webhook_server:create_app()"`).
-def on_starting(server: object) -> None:
-    from webhook_server.metrics import clear_stale_files
-
+def on_starting(server: Any) -> None:
+    # With reuse_port each worker binds for itself, so Gunicorn never notices a port that is
+    # taken: refuse here, before any worker starts (see webhook_server.ports).
+    for address in server.cfg.address:
+        if isinstance(address, tuple):
+            try:
+                check_free(str(address[0]), int(address[1]))
+            except PortInUse as exc:
+                server.log.error("not starting: %s", exc)
+                sys.exit(2)
     clear_stale_files()
 
 
-def child_exit(server: object, worker: object) -> None:
-    from webhook_server.metrics import child_exit as mark_dead
+def when_ready(server: Any) -> None:
+    # Gunicorn's own "Listening at:" line is empty under reuse_port (the master binds nothing).
+    urls = [f"http://{a[0]}:{a[1]}" if isinstance(a, tuple) else str(a) for a in server.cfg.address]
+    server.log.info("Listening at: %s (%s)", ",".join(urls), server.pid)
 
-    mark_dead(getattr(worker, "pid", 0))
+
+def child_exit(server: Any, worker: Any) -> None:
+    mark_process_dead(getattr(worker, "pid", 0))
