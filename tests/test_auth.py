@@ -543,3 +543,68 @@ def test_shopify_hex_digest_of_the_right_key_is_refused(sources_app: Flask) -> N
     digest = hmac.new(SECRETS["shopify"][0].encode(), body, hashlib.sha256).hexdigest()
     headers = {"Content-Type": "application/json", "X-Shopify-Hmac-Sha256": digest}
     assert_unauthorized(sources_app.test_client().post("/webhook/shopify", data=body, headers=headers))
+
+
+# --------------------------------------------------------------------------- refusal reasons, log only
+
+
+def _access_reason(caplog: pytest.LogCaptureFixture) -> str:
+    lines = [r for r in caplog.records if r.name == "webhook_server.access"]
+    assert lines, "no access log line"
+    return str(getattr(lines[-1], "reason", None))
+
+
+REASONS = [
+    pytest.param("particle", {}, "no Authorization header", id="bearer-missing"),
+    pytest.param("particle", {"Authorization": f"Token {PARTICLE_SECRET}"}, "is not Bearer", id="bearer-scheme"),
+    pytest.param("particle", bearer("wrong-secret-0123456789abc"), "wrong bearer token", id="bearer-wrong"),
+    pytest.param("generic", {"X-Hub-Signature-256": "md5=abc"}, "is not sha256=<hex digest>", id="hub-format"),
+    pytest.param("generic", {"X-Hub-Signature-256": "sha256=" + "0" * 64}, "does not match", id="hub-wrong"),
+    pytest.param("generic", {}, "no X-Hub-Signature-256 header", id="hub-missing"),
+]
+
+
+@pytest.mark.parametrize(("source", "headers", "reason"), REASONS)
+def test_each_refusal_logs_its_reason_and_the_response_does_not(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture, source: str, headers: dict[str, str], reason: str
+) -> None:
+    path = "/webhook/particle" if source == "particle" else "/webhook"
+    with caplog.at_level("INFO", logger="webhook_server.access"):
+        response = client.post(path, data=PARTICLE_BODY, headers={"Content-Type": "application/json", **headers})
+    assert_unauthorized(response)
+    logged = _access_reason(caplog)
+    assert reason in logged
+    assert PARTICLE_SECRET not in logged and WEBHOOK_SECRET not in logged
+    assert reason not in response.get_data(as_text=True)
+
+
+def test_a_stale_timestamp_and_a_bad_signature_log_different_reasons(
+    sources_app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = json.dumps({"id": uuid.uuid4().hex, "type": "test"}).encode()
+    client = sources_app.test_client()
+    reasons = {}
+    for name, stamp, secret in (
+        ("stale", int(time.time()) - 3600, SECRETS["stripe"][0]),
+        ("wrong", int(time.time()), "whsec_not-the-right-one-0000000"),
+    ):
+        with caplog.at_level("INFO", logger="webhook_server.access"):
+            assert_unauthorized(client.post("/webhook/stripe", data=body, headers=_stripe_headers(secret, body, stamp)))
+        reasons[name] = _access_reason(caplog)
+    assert "timestamp" in reasons["stale"]
+    assert "does not match" in reasons["wrong"]
+    with caplog.at_level("INFO", logger="webhook_server.access"):
+        headers = _standard_headers(SECRETS["standard-webhooks"][0], body, int(time.time()) - 3600)
+        assert_unauthorized(client.post("/webhook/standard-webhooks", data=body, headers=headers))
+    assert "timestamp too old" in _access_reason(caplog)
+
+
+def test_a_schema_refusal_logs_the_fields_not_their_values(
+    client: FlaskClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = json.dumps(particle_event(coreid="secret-looking-value-xyz")).encode()
+    with caplog.at_level("INFO", logger="webhook_server.access"):
+        response = client.post("/webhook/particle", data=body, headers={**bearer(), "Content-Type": "application/json"})
+    assert response.status_code == 422
+    logged = _access_reason(caplog)
+    assert logged == "schema violation at /coreid"

@@ -98,6 +98,24 @@ def test_an_event_reaches_every_recipient_once(harness: Callable[..., Harness], 
     assert len(sink.messages) == 2
 
 
+def test_each_sent_delivery_is_logged_with_the_domain_only(
+    harness: Callable[..., Harness], sink: SmtpSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = harness()
+    event_id = h.post(event="door-open")
+    with caplog.at_level(logging.INFO, logger="webhook_server.delivery"):
+        h.drain()
+    sent = [r for r in caplog.records if r.name == "webhook_server.delivery" and "sent by" in r.getMessage()]
+    assert len(sent) == 2
+    assert {r.levelno for r in sent} == {logging.INFO}
+    assert {(r.channel, r.recipient_domain) for r in sent} == {("email", "@example.com"), ("sms", "@vtext.com")}  # type: ignore[attr-defined]
+    for record in sent:
+        assert record.event_id == event_id and record.tries == 1  # type: ignore[attr-defined]
+        assert 0 <= record.latency_ms < 60_000  # type: ignore[attr-defined]
+        # The whole address is personal data: only its domain is logged.
+        assert "owner@" not in record.getMessage() and "5551234567" not in record.getMessage()
+
+
 def test_sending_never_happens_on_the_request_path(harness: Callable[..., Harness], sink: SmtpSink) -> None:
     h = harness()
     h.post()

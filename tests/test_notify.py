@@ -513,17 +513,20 @@ def test_with_smtp_mail_channels_share_one_notifier(settings: Settings) -> None:
 def test_log_notifier_writes_one_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = make_settings(tmp_path, RECIPIENT_EMAIL=None)
     ((channel, recipient),) = targets(settings)
-    with caplog.at_level(logging.WARNING, logger="webhook_server.notify"):
+    with caplog.at_level(logging.INFO, logger="webhook_server.notify"):
         notifiers(settings)[channel].send(note(channel=channel, recipient=recipient))
     (record,) = caplog.records
-    assert record.name == "webhook_server.notify" and record.levelno == logging.WARNING
+    # Info, not a warning: a log-only alert is how a first run works, not a fault.
+    assert record.name == "webhook_server.notify" and record.levelno == logging.INFO
     assert "motion" in record.getMessage() and "front door" in record.getMessage()
     assert "Storage unit 12" in record.getMessage()
+    assert "because no SMTP is set" in record.getMessage()
+    assert "(no recipients)" not in record.getMessage()
 
 
 def test_log_notifier_uses_the_sms_text_for_a_gateway(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = make_settings(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="webhook_server.notify"):
+    with caplog.at_level(logging.INFO, logger="webhook_server.notify"):
         LogNotifier(settings).send(note(channel="log", recipient=SMS))
     (record,) = caplog.records
     assert "motion on Storage unit 12 at 13:02:11 EST: front door" in record.getMessage()
@@ -534,7 +537,7 @@ def test_log_notifier_uses_the_sms_text_for_a_gateway(tmp_path: Path, caplog: py
 def test_log_notifier_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture, hostile: str) -> None:
     settings = make_settings(tmp_path)
     event = make_event(event=hostile, device=hostile, payload={"data": hostile, "x": [hostile]})
-    with caplog.at_level(logging.WARNING, logger="webhook_server.notify"):
+    with caplog.at_level(logging.INFO, logger="webhook_server.notify"):
         for recipient in ("-", EMAIL, SMS, "\r\n"):
             LogNotifier(settings).send(note(event, "log", recipient, kind="summary", repeats=2))
     assert len(caplog.records) == 4

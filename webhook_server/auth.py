@@ -46,22 +46,24 @@ def _digest(algorithm: str, key: bytes, message: bytes) -> bytes:
     return hmac.new(key, message, algorithm).digest()
 
 
-def _require(condition: bool) -> None:
+def _require(condition: bool, reason: str) -> None:
+    """Refuse with `reason` (for the server's log; the response never says which check failed)."""
     if not condition:
-        raise BadCredentials()
+        raise BadCredentials(reason)
 
 
 def _authorization(headers: Headers, kind: str) -> str:
     value = headers.get("Authorization", "")
     prefix, _, credentials = value.partition(" ")
-    _require(prefix.lower() == kind and bool(credentials.strip()))
+    _require(bool(value), "no Authorization header")
+    _require(prefix.lower() == kind and bool(credentials.strip()), f"the Authorization header is not {kind.title()}")
     return credentials.strip()
 
 
 def verify_bearer(source: Source, headers: Headers, body: bytes) -> None:
     """`Authorization: Bearer <secret>` (Particle)."""
     token = _authorization(headers, "bearer")
-    _require(_any_equal([token], source.secrets))
+    _require(_any_equal([token], source.secrets), "wrong bearer token")
 
 
 def verify_basic(source: Source, headers: Headers, body: bytes) -> None:
@@ -70,19 +72,21 @@ def verify_basic(source: Source, headers: Headers, body: bytes) -> None:
     try:
         decoded = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        raise BadCredentials() from None
-    _require(_any_equal([decoded], [s.encode() for s in source.secrets]))
+        raise BadCredentials("the Basic credentials are not base64") from None
+    _require(_any_equal([decoded], [s.encode() for s in source.secrets]), "wrong user or password")
 
 
 def _hub_signature(algorithm: str, default_header: str) -> Verifier:
     """GitHub style: `<header>: <algorithm>=<hex HMAC of the raw body>`."""
 
     def verify(source: Source, headers: Headers, body: bytes) -> None:
-        value = headers.get(source.signature_header or default_header, "")
+        header = source.signature_header or default_header
+        value = headers.get(header, "")
         prefix, _, signature = value.partition("=")
-        _require(prefix == algorithm and bool(signature))
+        _require(bool(value), f"no {header} header")
+        _require(prefix == algorithm and bool(signature), f"{header} is not {algorithm}=<hex digest>")
         expected = [_digest(algorithm, s.encode(), body).hex() for s in source.secrets]
-        _require(_any_equal([signature.strip().lower()], expected))
+        _require(_any_equal([signature.strip().lower()], expected), f"{header} does not match the body")
 
     verify.__name__ = f"verify_hmac_{algorithm}"
     verify.__doc__ = f"`{default_header}: {algorithm}=<hex>` over the raw body."
@@ -105,14 +109,16 @@ def verify_standard_webhooks(source: Source, headers: Headers, body: bytes) -> N
     """Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64>`."""
     wanted = {k: headers.get(k, "") for k in ("webhook-id", "webhook-timestamp", "webhook-signature")}
     matched = False
+    reason = "no matching webhook-signature"
     for secret in source.secrets:
         try:
             Webhook(secret).verify(body, wanted, json_parse=False)
             matched = True
-        # The library raises several types on hostile input (bad base64, missing commas, bad UTF-8).
-        except Exception:  # noqa: S112
-            continue
-    _require(matched)
+        # The library raises several types on hostile input (bad base64, missing commas, bad UTF-8);
+        # its messages ("Message timestamp too old", "Missing required headers") name no secret.
+        except Exception as exc:
+            reason = f"standard webhooks: {str(exc)[:100] or type(exc).__name__}"
+    _require(matched, reason)
 
 
 def verify_stripe(source: Source, headers: Headers, body: bytes) -> None:
@@ -120,25 +126,30 @@ def verify_stripe(source: Source, headers: Headers, body: bytes) -> None:
     parts = [p.partition("=") for p in headers.get("Stripe-Signature", "").split(",")]
     timestamps = [v.strip() for k, _, v in parts if k.strip() == "t"]
     signatures = [v.strip() for k, _, v in parts if k.strip() == "v1"]
-    _require(len(timestamps) == 1 and bool(signatures) and _fresh(timestamps[0]))
+    _require(len(timestamps) == 1 and bool(signatures), "Stripe-Signature is missing or not t=...,v1=...")
+    _require(_fresh(timestamps[0]), "Stripe-Signature timestamp is not within five minutes")
     message = timestamps[0].encode() + b"." + body
     expected = [_digest("sha256", s.encode(), message).hex() for s in source.secrets]
-    _require(_any_equal(signatures, expected))
+    _require(_any_equal(signatures, expected), "Stripe-Signature does not match the body")
 
 
 def verify_slack(source: Source, headers: Headers, body: bytes) -> None:
     """Slack: `X-Slack-Signature: v0=<hex>` over `v0:<X-Slack-Request-Timestamp>:<body>`."""
     timestamp = headers.get("X-Slack-Request-Timestamp", "")
-    _require(_fresh(timestamp))
+    _require(_fresh(timestamp), "X-Slack-Request-Timestamp is missing or not within five minutes")
     message = b"v0:" + timestamp.encode() + b":" + body
     expected = ["v0=" + _digest("sha256", s.encode(), message).hex() for s in source.secrets]
-    _require(_any_equal([headers.get("X-Slack-Signature", "")], expected))
+    given = headers.get("X-Slack-Signature", "")
+    _require(given.startswith("v0="), "X-Slack-Signature is missing or not v0=<hex>")
+    _require(_any_equal([given], expected), "X-Slack-Signature does not match the body")
 
 
 def verify_shopify(source: Source, headers: Headers, body: bytes) -> None:
     """Shopify: `X-Shopify-Hmac-Sha256: <base64 HMAC-SHA256 of the body>`."""
     expected = [base64.b64encode(_digest("sha256", s.encode(), body)) for s in source.secrets]
-    _require(_any_equal([headers.get("X-Shopify-Hmac-Sha256", "").encode()], expected))
+    given = headers.get("X-Shopify-Hmac-Sha256", "")
+    _require(bool(given), "no X-Shopify-Hmac-Sha256 header")
+    _require(_any_equal([given.encode()], expected), "X-Shopify-Hmac-Sha256 does not match the body")
 
 
 VERIFIERS: dict[str, Verifier] = {

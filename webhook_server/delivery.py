@@ -267,6 +267,34 @@ class DeliveryQueue:
             return cursor.rowcount
 
 
+def recipient_domain(recipient: str) -> str:
+    """What the log may say of a recipient: its domain only (an address is personal data)."""
+    return "@" + recipient.rpartition("@")[2] if "@" in recipient else recipient
+
+
+def log_sent(notification: Notification, since_receipt: float) -> None:
+    """One info line per sent delivery, so `logs worker` shows that mail went out."""
+    n = notification
+    log.info(
+        "%s %s for event %s sent by %s to %s (try %s, %.2f s after receipt)",
+        n.kind,
+        n.delivery_id,
+        n.event.id,
+        n.channel,
+        recipient_domain(n.recipient),
+        n.attempt,
+        since_receipt,
+        extra={
+            "delivery_id": n.delivery_id,
+            "event_id": n.event.id,
+            "channel": n.channel,
+            "recipient_domain": recipient_domain(n.recipient),
+            "tries": n.attempt,
+            "latency_ms": round(since_receipt * 1000, 1),
+        },
+    )
+
+
 class Worker:
     """Runs the queue: dispatch, close windows, send what is due. Synchronous `run_once` for tests."""
 
@@ -309,9 +337,10 @@ class Worker:
             record_delivery(notification.channel, "retry" if status == "pending" else "dead")
             return status
         self.queue.mark_sent(notification.delivery_id)
+        since_receipt = time.time() - epoch(notification.event.received_at)
         # A summary's event was received up to a whole window earlier: only alerts time the pipeline.
-        latency = time.time() - epoch(notification.event.received_at) if notification.kind == "alert" else None
-        record_delivery(notification.channel, "sent", latency)
+        record_delivery(notification.channel, "sent", since_receipt if notification.kind == "alert" else None)
+        log_sent(notification, since_receipt)
         return "sent"
 
     def housekeeping(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify
 from werkzeug.exceptions import (
     BadRequest,
     Forbidden,
@@ -39,10 +39,18 @@ class MalformedBody(BadRequest):
 
 
 class BadCredentials(Unauthorized):
-    """Missing or wrong credentials. One message for every case: no hint of which part failed."""
+    """Missing or wrong credentials. One message for every case: no hint of which part failed.
+
+    `reason` says which part it was (a wrong token, a stale timestamp, a malformed signature
+    header) for the server's log only; it never reaches the response.
+    """
 
     code_name = "unauthorized"
     description = "Missing or invalid credentials."
+
+    def __init__(self, reason: str = "missing or invalid credentials") -> None:
+        super().__init__()
+        self.reason = reason
 
 
 class AddressNotAllowed(Forbidden):
@@ -66,6 +74,8 @@ class SchemaViolation(UnprocessableEntity):
     def __init__(self, message: str, fields: list[str]) -> None:
         super().__init__(message)
         self.fields = fields
+        # For the log: which fields, never their values.
+        self.reason = "schema violation at " + ", ".join(fields)
 
 
 class RateLimited(TooManyRequests):
@@ -82,6 +92,11 @@ class StoreUnavailable(ServiceUnavailable):
     code_name = "unavailable"
     description = "The event store cannot accept events right now; retry shortly."
     retry_after = 5
+
+
+def reason_of(error: HTTPException) -> str:
+    """Why a request was refused, for the server's log (never the payload, never a secret)."""
+    return str(getattr(error, "reason", None) or error.description or error.name)[:300]
 
 
 def error_response(error: HTTPException) -> Response:
@@ -110,6 +125,7 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(error: HTTPException) -> Response:
+        g.reason = reason_of(error)  # the access log line carries it (logs._log_request)
         return error_response(error)
 
     @app.errorhandler(Exception)

@@ -215,6 +215,8 @@ def _log_request(response: Response) -> Response:
             "source": g.get("source_name"),
             "outcome": g.get("outcome") or outcome_for(response.status_code),
             "event_id": g.get("event_id"),
+            # Why it was refused (errors.reason_of): the response never says, the log does.
+            "reason": g.get("reason"),
             "duration_ms": round(duration_ms, 2),
         },
     )
@@ -226,6 +228,15 @@ def init_app(app: Flask, level: str) -> None:
     configure_logging(level)
     app.before_request(_start_request)
     app.after_request(_log_request)
+
+
+class WithoutEmptyListeningLine(logging.Filter):
+    """Drop Gunicorn's "Listening at:  (pid)": under reuse_port its master binds nothing, so the
+    line names no address; `gunicorn_conf.when_ready` logs one that does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (record.msg == "Listening at: %s (%s)" and isinstance(args, tuple) and bool(args) and args[0] == "")
 
 
 class GunicornNoAccessLogger(GunicornLogger):  # type: ignore[misc]

@@ -62,7 +62,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .config import Settings
 from .errors import BadCredentials
-from .store import Store, get_store
+from .store import Store, get_store, make_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def ensure_multiprocess_dir(data_dir: Path, clear: bool = False) -> Path:
     host's processes itself (``serve``): none of them runs yet.
     """
     path = Path(os.environ.get(ENV_VAR) or default_multiprocess_dir(data_dir)).resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path)
     os.environ[ENV_VAR] = str(path)
     if clear:
         clear_stale_files(str(path), keep_live=False)
@@ -384,7 +384,7 @@ def check_access(settings: Settings) -> None:
     if request.method not in ("GET", "HEAD"):
         raise MethodNotAllowed(valid_methods=["GET", "HEAD"])
     if token is not None and not valid:
-        raise BadCredentials()
+        raise BadCredentials("wrong or missing METRICS_TOKEN")
 
 
 @bp.route("/metrics", methods=ALL_METHODS)

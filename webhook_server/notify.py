@@ -390,8 +390,14 @@ class LogNotifier(Notifier):
         n, settings = notification, self.settings
         sms = n.recipient != "-" and settings.is_sms(n.recipient)
         text = sms_text(n, settings) if sms else text_body(n, settings)
-        to = "(no recipients)" if n.recipient == "-" else clean(n.recipient, 254)
-        log.warning("%s %s for %s:\n%s", n.kind, n.delivery_id, to, text)
+        to = "" if n.recipient == "-" else f" for {clean(n.recipient, 254)}"
+        log.info(
+            "%s %s%s, written here because no SMTP is set (SMTP_EMAIL or SMTP_HOST):\n%s",
+            n.kind,
+            n.delivery_id,
+            to,
+            text,
+        )
 
 
 NOTIFIERS: dict[str, type[Notifier]] = {
