@@ -217,3 +217,31 @@ def test_send_reports_a_refusal(live_server: str, tmp_path: Path) -> None:
     result = run("send", "--url", live_server, "{}", env=env)
     assert result.exit_code == 1
     assert result.output.startswith("401 ")
+
+
+def test_the_env_init_writes_can_be_sourced_by_a_shell(tmp_path: Path) -> None:
+    import subprocess
+
+    path = tmp_path / ".env"
+    assert run("init", "--path", str(path)).exit_code == 0
+    printed = subprocess.run(
+        ["bash", "-c", 'set -a; . "$1"; printf "%s\\n" "$RATE_LIMIT" "$PARTICLE_WEBHOOK_SECRET"', "-", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert printed.stderr == ""
+    rate, secret = printed.stdout.splitlines()
+    values = dotenv_values(path)
+    assert rate == values["RATE_LIMIT"] == "60/minute;20/second"
+    assert secret == values["PARTICLE_WEBHOOK_SECRET"]
+
+
+def test_check_config_warns_about_a_misspelled_variable(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["check-config"],
+        env={"PARTICLE_WEBHOOK_SECRET": PARTICLE_SECRET, "DATA_DIR": str(tmp_path), "SMTP_EMIAL": "me@example.com"},
+    )
+    assert result.exit_code == 0
+    assert "warning: SMTP_EMIAL is not a setting and is ignored; did you mean SMTP_EMAIL?" in result.output

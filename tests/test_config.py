@@ -623,3 +623,75 @@ def test_plain_smtp_with_a_password_is_allowed_on_loopback(tmp_path: Path) -> No
     )
     smtp = load_settings(values).smtp
     assert smtp is not None and smtp.username == "a@example.com"
+
+
+# --------------------------------------------------------------------------- what a new user gets wrong
+
+
+def test_a_negative_cooldown_says_zero_or_more(tmp_path: Path) -> None:
+    error = problems_of(env(tmp_path, ALERT_COOLDOWN_SECONDS="-1"))
+    assert error.problems == ["ALERT_COOLDOWN_SECONDS must be a number of seconds, 0 or more"]
+
+
+def test_a_malformed_recipient_is_reported_once_not_also_as_missing(tmp_path: Path) -> None:
+    error = problems_of(env(tmp_path, SMTP_HOST="mail.example.com", RECIPIENT_EMAIL="not-an-address"))
+    assert error.problems == ["RECIPIENT_EMAIL must be comma-separated email addresses"]
+    missing = problems_of(env(tmp_path, SMTP_HOST="mail.example.com"))
+    assert missing.problems == ["RECIPIENT_EMAIL is required when SMTP is configured"]
+    blank = problems_of(env(tmp_path, SMTP_HOST="mail.example.com", RECIPIENT_EMAIL=" , "))
+    assert blank.problems == ["RECIPIENT_EMAIL must name at least one address when SMTP is configured"]
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("SMTP_EMIAL", "did you mean SMTP_EMAIL?"),
+        ("RECIPIENT_EMAILS", "did you mean RECIPIENT_EMAIL?"),
+        ("ALERT_COOLDOWN", "did you mean ALERT_COOLDOWN_SECONDS?"),
+        ("PARTICLE_WEBHOOK_SECRT_FILE", "did you mean PARTICLE_WEBHOOK_SECRET?"),
+        ("SMTP_XYZZY_QUUX", "SMTP_XYZZY_QUUX is not a setting and is ignored"),
+    ],
+)
+def test_a_misspelled_setting_is_warned_about_with_the_closest_name(tmp_path: Path, name: str, hint: str) -> None:
+    settings = load_settings(env(tmp_path, **{name: "some-value-S3CRET"}))
+    (warning,) = settings.warnings
+    assert warning.startswith(f"{name} is not a setting") and hint in warning
+    assert "S3CRET" not in warning
+
+
+def test_known_and_foreign_variables_are_not_warned_about(tmp_path: Path) -> None:
+    sources = tmp_path / "sources.toml"
+    sources.write_text('[sources.gh]\nscheme = "hmac-sha256"\nsecrets = ["WEBHOOK_GH_SECRET"]\n', encoding="utf-8")
+    values = env(
+        tmp_path,
+        SOURCES_FILE=str(sources),
+        WEBHOOK_GH_SECRET="a-long-enough-secret-0123",  # named by SOURCES_FILE: ours, though prefixed
+        WEBHOOK_DOMAIN="hooks.example.com",
+        WEB_CONCURRENCY="2",
+        SMTP_TIMEOUT="5",
+        HOME="/root",
+        PATH="/usr/bin",
+        LOGNAME="someone",
+    )
+    assert load_settings(values).warnings == ()
+
+
+def test_contract_settings_not_built_yet_are_said_not_ignored(tmp_path: Path) -> None:
+    settings = load_settings(env(tmp_path, DATABASE_URL="postgresql://db/x"))
+    assert settings.warnings == ("DATABASE_URL is not used by this version yet; it is ignored",)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[source.github]\nscheme = "bearer"\n', "unknown tables source"),
+        ('[sources.a]\nscheme = "bearer"\nsecrets = ["A_SECRET"]\n[sorces.b]\nscheme = "bearer"\n', "sorces"),
+        ('[target.billing]\nurl = "https://x"\n', "unknown tables target"),
+        ('[targets.billing]\nurl = "https://x"\n', "[targets]: forwarding targets are not built"),
+    ],
+)
+def test_unknown_top_level_tables_in_sources_file_are_refused(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "sources.toml"
+    path.write_text(text, encoding="utf-8")
+    error = problems_of(env(tmp_path, SOURCES_FILE=str(path), A_SECRET="a-long-enough-secret-0123"))
+    assert any(expected in problem for problem in error.problems), error.problems

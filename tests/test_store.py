@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import stat
 import threading
 import time
 from collections import Counter
@@ -227,3 +228,23 @@ def test_a_transaction_lost_mid_group_fails_every_write_and_stores_none(tmp_path
     assert all(isinstance(outcomes[name], GroupAborted) for name in ("before", "lost", "after")), outcomes
     assert conn.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 0
     assert writer.run(lambda c: c.execute("INSERT INTO t VALUES ('later', 3)").rowcount) == 1
+
+
+def test_a_new_store_is_private_to_its_user(tmp_path: Path) -> None:
+    """The store holds every payload: a fresh DATA_DIR is 0700, the database files 0600."""
+    data = tmp_path / "fresh" / "data"
+    store = Store(data / "webhooks.sqlite3")
+    store.insert_event("particle", None, "motion", "", "127.0.0.1", {"data": "x"})
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == 0o700
+    for name in ("webhooks.sqlite3", "webhooks.sqlite3-wal", "webhooks.sqlite3-shm"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
+
+
+def test_an_existing_data_dir_keeps_its_mode(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o750)
+    data.chmod(0o750)  # a volume the operator set up
+    Store(data / "webhooks.sqlite3")
+    assert stat.S_IMODE(data.stat().st_mode) == 0o750
+    assert stat.S_IMODE((data / "webhooks.sqlite3").stat().st_mode) == 0o600

@@ -17,18 +17,31 @@ from typing import Any
 import click
 
 from .config import ConfigError, Settings, settings_from_environment
+from .ports import PortInUse, check_free
 
 GUNICORN_CONFIG = "python:webhook_server.gunicorn_conf"
 APP_SPEC = "webhook_server:create_app()"
 
 
+def port_free_or_exit(host: str, port: int) -> None:
+    """Exit with status 2 and a message naming the port when something listens there."""
+    try:
+        check_free(host, port)
+    except PortInUse as exc:
+        click.echo(f"webhook-server: not starting: {exc}; stop it or choose another --port", err=True)
+        sys.exit(2)
+
+
 def load_or_exit() -> Settings:
     """The configuration, or a clear message naming each bad variable and exit status 2."""
     try:
-        return settings_from_environment()
+        settings = settings_from_environment()
     except ConfigError as exc:
         click.echo(f"webhook-server: {exc}", err=True)
         sys.exit(2)
+    for warning in settings.warnings:
+        click.echo(f"webhook-server: warning: {warning}", err=True)
+    return settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,6 +77,7 @@ def metrics_environment(settings: Settings, clear: bool = False) -> None:
 def web(host: str, port: int) -> None:
     """Only the web half: Gunicorn with the app (sends nothing)."""
     settings = load_or_exit()
+    port_free_or_exit(host, port)
     metrics_environment(settings)
     command = gunicorn_command(host, port)
     os.execv(command[0], command)  # noqa: S606 - replace this process, so signals reach Gunicorn
@@ -94,6 +108,7 @@ def worker() -> None:
 def serve(host: str, port: int) -> None:
     """Everything on this host: Gunicorn with the app, and the delivery worker."""
     settings = load_or_exit()
+    port_free_or_exit(host, port)  # before anything of a running server's is touched
     metrics_environment(settings, clear=True)
     target = f"email via {settings.smtp.host}" if settings.smtp else "the log (no SMTP configured)"
     click.echo(
@@ -142,6 +157,7 @@ class Supervisor:
 ENV_TEMPLATE = """\
 # webhook-server configuration, written by `webhook-server init` on {date}.
 # Every variable is described in README.md. This file holds secrets: keep it private (mode 600).
+# Values with shell characters are quoted, so `set -a; . ./.env` works as well.
 
 PARTICLE_WEBHOOK_SECRET={particle}
 WEBHOOK_SECRET={generic}
@@ -150,7 +166,7 @@ FLASK_SECRET_KEY={flask}
 DATA_DIR=./data
 ALERT_TIMEZONE=UTC
 ALERT_COOLDOWN_SECONDS=60
-RATE_LIMIT=60/minute;20/second
+RATE_LIMIT="60/minute;20/second"
 
 # Email and SMS: with neither SMTP_EMAIL nor SMTP_HOST set, notifications are written to the log.
 # SMTP_EMAIL=you@gmail.com

@@ -6,6 +6,7 @@ problem by variable name. Values are never echoed in messages, as they may be se
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -13,7 +14,7 @@ import socket
 import ssl
 import zoneinfo
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,69 @@ STRONG_SECRETS = ("PARTICLE_WEBHOOK_SECRET", "WEBHOOK_SECRET", "FLASK_SECRET_KEY
 SECRET_NAMES = (*STRONG_SECRETS, "SMTP_PASSWORD", "SUBSCRIBER_TOKENS", "REDIS_URL")
 
 SECURITY_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
+
+# Every variable this server reads, to warn about a misspelled one (SMTP_EMIAL) that would
+# otherwise be ignored without a word.
+SETTING_NAMES = (
+    "PARTICLE_WEBHOOK_SECRET",
+    "WEBHOOK_SECRET",
+    "SMTP_EMAIL",
+    "SMTP_PASSWORD",
+    "SMTP_HOST",
+    "SMTP_PORT",
+    "SMTP_SECURITY",
+    "SMTP_CA_FILE",
+    "SMTP_TIMEOUT",
+    "RECIPIENT_EMAIL",
+    "DEVICE_NAMES",
+    "ALERT_TIMEZONE",
+    "ALERT_COOLDOWN_SECONDS",
+    "FLASK_SECRET_KEY",
+    "DATA_DIR",
+    "REDIS_URL",
+    "SOURCES_FILE",
+    "DISABLE_SYSTEM_INFO",
+    "METRICS_TOKEN",
+    "RATE_LIMIT",
+    "MAX_PAYLOAD_BYTES",
+    "TRUSTED_PROXIES",
+    "RETRY_BASE_SECONDS",
+    "RETRY_MAX_ATTEMPTS",
+    "SUBSCRIBER_TOKENS",
+    "DELIVERY_LEASE_SECONDS",
+    "WORKER_POLL_SECONDS",
+    "LOG_LEVEL",
+)
+# Read by the deployment around the app (Compose, Gunicorn's config, Prometheus), not by it.
+DEPLOYMENT_NAMES = (
+    "WEBHOOK_DOMAIN",
+    "WEBHOOK_SERVER_IMAGE",
+    "WEB_CONCURRENCY",
+    "GUNICORN_THREADS",
+    "PROMETHEUS_MULTIPROC_DIR",
+)
+# In the public contract, but not built in this version: said at start rather than ignored.
+NOT_YET_NAMES = ("DATABASE_URL", "EVENT_RETENTION_DAYS", "AUDIT_RETENTION_DAYS")
+# A variable starting with one of these is meant for us: an unknown one is likely a typo.
+OUR_PREFIXES = (
+    "PARTICLE_",
+    "WEBHOOK_",
+    "SMTP_",
+    "RECIPIENT_",
+    "DEVICE_",
+    "ALERT_",
+    "FLASK_",
+    "REDIS_",
+    "SOURCES_",
+    "METRICS_",
+    "RATE_LIMIT",
+    "MAX_PAYLOAD",
+    "TRUSTED_",
+    "RETRY_",
+    "SUBSCRIBER_",
+    "DELIVERY_",
+    "DISABLE_SYSTEM",
+)
 
 
 class ConfigError(Exception):
@@ -77,6 +141,7 @@ class Settings:
     worker_poll_seconds: float
     log_level: str
     extra: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # said at start; nothing here stops the server
 
     @property
     def database_path(self) -> Path:
@@ -337,9 +402,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
             "(`webhook-server init` writes a .env with fresh secrets)"
         )
     smtp = _smtp(reader)
-    recipients = reader.parsed("RECIPIENT_EMAIL", (), _recipients, "comma-separated email addresses")
-    if smtp and not recipients:
+    recipients = reader.parsed("RECIPIENT_EMAIL", None, _recipients, "comma-separated email addresses")
+    if smtp and recipients == ():  # set, but only commas and spaces
+        reader.problems.append("RECIPIENT_EMAIL must name at least one address when SMTP is configured")
+    elif smtp and recipients is None and reader.raw("RECIPIENT_EMAIL") is None:
         reader.problems.append("RECIPIENT_EMAIL is required when SMTP is configured")
+    recipients = recipients or ()
     settings = Settings(
         sources=sources,
         smtp=smtp,
@@ -355,7 +423,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         max_payload_bytes=max_payload,
         trusted_proxies=reader.parsed("TRUSTED_PROXIES", 0, _non_negative_int, "a whole number (0 or more)"),
         alert_cooldown_seconds=reader.parsed(
-            "ALERT_COOLDOWN_SECONDS", 60.0, _non_negative_float, "a number of seconds"
+            "ALERT_COOLDOWN_SECONDS", 60.0, _non_negative_float, "a number of seconds, 0 or more"
         ),
         retry_base_seconds=reader.parsed("RETRY_BASE_SECONDS", 2.0, _positive_float, "a positive number of seconds"),
         retry_max_attempts=reader.parsed("RETRY_MAX_ATTEMPTS", 12, _positive_int, "a positive whole number"),
@@ -374,7 +442,23 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         reader.problems.append("REDIS_URL must start with redis://, rediss:// or unix://")
     if reader.problems:
         raise ConfigError(reader.problems)
-    return settings
+    referenced = {name for source in sources.values() for name in source.secret_names}
+    return replace(settings, warnings=unknown_name_warnings(env, referenced))
+
+
+def unknown_name_warnings(env: Mapping[str, str], referenced: set[str]) -> tuple[str, ...]:
+    """A warning for each variable that looks meant for us but is not read (a typo, mostly)."""
+    known = set(SETTING_NAMES) | set(DEPLOYMENT_NAMES) | referenced
+    known |= {f"{name}_FILE" for name in known}
+    warnings = []
+    for name in sorted(env):
+        if name in NOT_YET_NAMES and env[name]:
+            warnings.append(f"{name} is not used by this version yet; it is ignored")
+        elif name.startswith(OUR_PREFIXES) and name not in known:
+            close = difflib.get_close_matches(name.removesuffix("_FILE"), SETTING_NAMES, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            warnings.append(f"{name} is not a setting and is ignored{hint}")
+    return tuple(warnings)
 
 
 def _log_level(value: str) -> str:

@@ -23,7 +23,7 @@ from limits.strategies import FixedWindowRateLimiter
 
 from .errors import RateLimited
 from .sources import Source
-from .store import GroupWriter, write_retrying
+from .store import GroupWriter, make_private, write_retrying
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class SQLiteStorage(Storage):
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():  # none, or the parent's
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_private(self.path)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
             # Two workers may open a new database at once: switching it to WAL needs the lock.
             write_retrying(self._write_lock, lambda: conn.execute("PRAGMA journal_mode=WAL").fetchall())

@@ -90,6 +90,7 @@ class Source:
     recipients: tuple[str, ...] | None = None
     notify: bool = True
     signature_header: str | None = None
+    secret_names: tuple[str, ...] = ()  # the variables the secrets came from (SOURCES_FILE)
 
     def allows(self, address: str) -> bool:
         """True when there is no allow-list or the address is inside it."""
@@ -195,6 +196,12 @@ def load_sources_file(
         # The parser's message gives the line and column, never the text there.
         problems.append(f"SOURCES_FILE is not valid TOML: {exc}")
         return {}
+    unknown = sorted(set(document) - KNOWN_TABLES)
+    if unknown:
+        # A [source.x] typo would otherwise lose a whole source without a word.
+        problems.append(f"SOURCES_FILE: unknown tables {', '.join(unknown)} (only [sources.<name>] is read)")
+    if "targets" in document:
+        problems.append("SOURCES_FILE [targets]: forwarding targets are not built in this version yet")
     table = document.get("sources")
     if not isinstance(table, dict) or not table:
         problems.append("SOURCES_FILE must declare at least one [sources.<name>] table")
@@ -214,6 +221,7 @@ def load_sources_file(
     return loaded
 
 
+KNOWN_TABLES = frozenset({"sources", "targets"})
 KNOWN_KEYS = frozenset(
     {
         "scheme",
@@ -294,6 +302,7 @@ def _source_from_spec(
         recipients=tuple(recipients) if recipients is not None else None,
         notify=notify,
         signature_header=header,
+        secret_names=tuple(names),
     )
 
 

@@ -83,6 +83,21 @@ T = TypeVar("T")
 WRITE_PATIENCE_SECONDS = 5.0
 
 
+def make_private_dir(path: Path) -> None:
+    """Create `path` (and missing parents) readable by this user only; an existing one is left."""
+    for directory in reversed([path, *path.parents]):
+        if not directory.exists():
+            directory.mkdir(mode=0o700, exist_ok=True)
+
+
+def make_private(path: Path) -> None:
+    """Create the database's directory (0700) and file (0600) when missing: they hold every
+    payload. SQLite gives its -wal and -shm files the database file's mode."""
+    make_private_dir(path.parent)
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _locked(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
@@ -302,7 +317,7 @@ class Store:
         self._write_lock = threading.Lock()
         self.checkpointer = Checkpointer(min_commits=checkpoint_after)
         self.writer = GroupWriter(self.connection, self.checkpointer)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private(self.path)
         conn = self.connection()
         write_retrying(self._write_lock, lambda: conn.executescript(SCHEMA))
 
