@@ -275,13 +275,13 @@ def recipient_domain(recipient: str) -> str:
 def log_sent(notification: Notification, since_receipt: float) -> None:
     """One info line per sent delivery, so `logs worker` shows that mail went out."""
     n = notification
+    where = "written to the log" if n.channel == "log" else f"sent by {n.channel} to {recipient_domain(n.recipient)}"
     log.info(
-        "%s %s for event %s sent by %s to %s (try %s, %.2f s after receipt)",
+        "%s %s for event %s %s (try %s, %.2f s after receipt)",
         n.kind,
         n.delivery_id,
         n.event.id,
-        n.channel,
-        recipient_domain(n.recipient),
+        where,
         n.attempt,
         since_receipt,
         extra={
