@@ -13,44 +13,15 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from webhook_server.settings import DEPLOYMENT_NAMES, NOT_YET_NAMES, SETTINGS
+
 PARTICLE_SECRET = "particle-secret-0123456789"
 WEBHOOK_SECRET = "It's a Secret to Everybody"
 CORE_ID = "0123456789abcdef01234567"
 
 # Every setting the server reads: cleared for each test so a developer's shell or .env
 # cannot change what the tests see.
-SETTING_NAMES = (
-    "PARTICLE_WEBHOOK_SECRET",
-    "WEBHOOK_SECRET",
-    "SMTP_EMAIL",
-    "SMTP_PASSWORD",
-    "SMTP_HOST",
-    "SMTP_PORT",
-    "SMTP_SECURITY",
-    "RECIPIENT_EMAIL",
-    "SMTP_CA_FILE",
-    "DEVICE_NAMES",
-    "ALERT_TIMEZONE",
-    "FLASK_SECRET_KEY",
-    "DATA_DIR",
-    "REDIS_URL",
-    "SOURCES_FILE",
-    "DISABLE_SYSTEM_INFO",
-    "METRICS_TOKEN",
-    "RATE_LIMIT",
-    "MAX_PAYLOAD_BYTES",
-    "TRUSTED_PROXIES",
-    "ALERT_COOLDOWN_SECONDS",
-    "RETRY_BASE_SECONDS",
-    "RETRY_MAX_ATTEMPTS",
-    "SUBSCRIBER_TOKENS",
-    "SMTP_TIMEOUT",
-    "DELIVERY_LEASE_SECONDS",
-    "WORKER_POLL_SECONDS",
-    "LOG_LEVEL",
-    "PROMETHEUS_MULTIPROC_DIR",
-    "WEB_CONCURRENCY",
-)
+SETTING_NAMES = (*(setting.name for setting in SETTINGS), *DEPLOYMENT_NAMES, *NOT_YET_NAMES)
 
 
 @pytest.fixture(autouse=True)

@@ -28,8 +28,8 @@ from werkzeug.test import TestResponse
 
 from tests.conftest import PARTICLE_SECRET, WEBHOOK_SECRET, bearer, hub_signature, particle_event, signed_headers
 from webhook_server.auth import sign_hub
-from webhook_server.senders import build_request
-from webhook_server.sources import Source
+from webhook_server.ingest.send import build_request
+from webhook_server.ingest.sources import Source
 
 GITHUB_TEST_BODY = b"Hello, World!"
 GITHUB_TEST_SIGNATURE = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"

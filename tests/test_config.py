@@ -10,14 +10,15 @@ from typing import Any
 
 import pytest
 
-from webhook_server.config import (
-    MIN_SECRET_LENGTH,
+from webhook_server.channels.sms import is_sms_gateway
+from webhook_server.settings import (
     ConfigError,
     Settings,
     load_settings,
     read_environment,
     settings_from_environment,
 )
+from webhook_server.values import MIN_SECRET_LENGTH
 
 # A distinctive valid secret: it must never show up in any message either.
 PARTICLE = "Valid-Particle-S3cret-qwertyuiop"
@@ -534,7 +535,7 @@ def test_recipients_and_sms_gateways(tmp_path: Path) -> None:
         )
     )
     assert settings.recipients == ("ops@example.com", "5551234567@vtext.com", "5550000000@TXT.ATT.NET")
-    assert [settings.is_sms(r) for r in settings.recipients] == [False, True, True]
+    assert [is_sms_gateway(r) for r in settings.recipients] == [False, True, True]
 
 
 def test_smtp_ca_file_must_exist(tmp_path: Path) -> None:

@@ -15,9 +15,10 @@ from tests.conftest import base_settings, bearer, particle_event
 from tests.smtpsink import SmtpSink
 from webhook_server import create_app
 from webhook_server.cli import main
-from webhook_server.config import load_settings
-from webhook_server.delivery import DeliveryQueue, Worker, backoff
-from webhook_server.store import Store
+from webhook_server.delivery.queue import DeliveryQueue, backoff
+from webhook_server.delivery.worker import Worker
+from webhook_server.settings import load_settings
+from webhook_server.store.sqlite import Store
 
 
 def text_of(message: Any) -> str:
@@ -103,9 +104,9 @@ def test_each_sent_delivery_is_logged_with_the_domain_only(
 ) -> None:
     h = harness()
     event_id = h.post(event="door-open")
-    with caplog.at_level(logging.INFO, logger="webhook_server.delivery"):
+    with caplog.at_level(logging.INFO, logger="webhook_server.delivery.worker"):
         h.drain()
-    sent = [r for r in caplog.records if r.name == "webhook_server.delivery" and "sent by" in r.getMessage()]
+    sent = [r for r in caplog.records if r.name == "webhook_server.delivery.worker" and "sent by" in r.getMessage()]
     assert len(sent) == 2
     assert {r.levelno for r in sent} == {logging.INFO}
     assert {(r.channel, r.recipient_domain) for r in sent} == {("email", "@example.com"), ("sms", "@vtext.com")}  # type: ignore[attr-defined]
@@ -299,7 +300,7 @@ def test_dead_letters_cli_lists_and_replays(harness: Callable[..., Harness], sin
 
 
 def test_housekeeping_drops_expired_rate_limit_counters(tmp_path: Path) -> None:
-    from webhook_server.ratelimit import SQLiteStorage, storage_uri
+    from webhook_server.store.counters import SQLiteStorage, storage_uri
 
     h = Harness(tmp_path)
     storage = SQLiteStorage(storage_uri(h.settings.database_path, None))

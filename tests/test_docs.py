@@ -14,7 +14,7 @@ import pytest
 import yaml
 from flask import Flask
 
-from webhook_server.senders import build_request
+from webhook_server.ingest.send import build_request
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

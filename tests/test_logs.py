@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from webhook_server.logs import BatchingStreamHandler, GunicornNoAccessLogger, JsonFormatter
+from webhook_server.ops.logs import BatchingStreamHandler, GunicornNoAccessLogger, JsonFormatter
 
 
 @pytest.fixture

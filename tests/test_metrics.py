@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import PARTICLE_SECRET, base_settings, bearer, particle_event
 from tests.server import Server
-from webhook_server import metrics
+from webhook_server.ops import metrics
 
 METRICS_TOKEN = "metrics-token-0123456789abcdef"
 ACCEPTED = ("webhook_requests_total", {"source": "particle", "outcome": "accepted"})

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from tests.smtpsink import SmtpSink, make_self_signed_cert
-from webhook_server.config import Settings, load_settings
 from webhook_server.notify import (
     EmailNotifier,
     LogNotifier,
@@ -30,7 +29,8 @@ from webhook_server.notify import (
     render_sms,
     targets,
 )
-from webhook_server.store import StoredEvent
+from webhook_server.settings import Settings, load_settings
+from webhook_server.store.records import StoredEvent
 
 CORE = "0123456789abcdef01234567"
 PUBLISHED = "2026-11-23T18:02:11.000Z"  # 13:02:11 EST in New York

@@ -18,7 +18,7 @@ from referencing.jsonschema import DRAFT202012
 
 from tests.conftest import base_settings, bearer, particle_event, signed_headers
 from tests.server import Server
-from webhook_server.openapi import document
+from webhook_server.ops.openapi import document
 
 WEBHOOK_STATUSES = {"200", "202", "400", "401", "403", "404", "413", "415", "422", "429", "503"}
 WEBHOOK_OPERATIONS = [("/webhook/particle", "post"), ("/webhook", "post"), ("/webhook/{source}", "post")]

@@ -12,9 +12,10 @@ import pytest
 from flask import Flask
 
 from webhook_server.errors import RateLimited
-from webhook_server.ratelimit import RateLimits, SQLiteStorage, get_rate_limits, storage_uri
-from webhook_server.sources import Source
-from webhook_server.store import Store
+from webhook_server.ingest.ratelimit import RateLimits, get_rate_limits
+from webhook_server.ingest.sources import Source
+from webhook_server.store.counters import SQLiteStorage, storage_uri
+from webhook_server.store.sqlite import Store
 
 from .conftest import bearer, particle_event
 

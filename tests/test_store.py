@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from webhook_server.store import Checkpointer, GroupWriter, Store
+from webhook_server.store.group import Checkpointer, GroupWriter
+from webhook_server.store.sqlite import Store
 
 PAYLOAD = {"event": "t", "data": "x", "coreid": "0123456789abcdef01234567", "published_at": "2026-11-23T18:02:11Z"}
 
@@ -119,7 +120,7 @@ def test_a_write_that_raises_a_non_sqlite_error_gets_it_back(tmp_path: Path) -> 
 
 
 def test_a_locked_database_fails_the_group_after_the_patience(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import webhook_server.store as store_module
+    import webhook_server.store.group as store_module
 
     monkeypatch.setattr(store_module, "WRITE_PATIENCE_SECONDS", 0.2)
     path = tmp_path / "g.sqlite3"
@@ -188,7 +189,7 @@ def test_the_fallback_checkpoints_only_after_enough_commits(tmp_path: Path) -> N
 
 
 def test_a_transaction_lost_mid_group_fails_every_write_and_stores_none(tmp_path: Path) -> None:
-    from webhook_server.store import GroupAborted
+    from webhook_server.store.group import GroupAborted
 
     writer, conn = _writer(tmp_path / "g.sqlite3")
     outcomes: dict[str, object] = {}

@@ -1,3 +1,3 @@
-from .cli import main
+from webhook_server.cli import main
 
 main()

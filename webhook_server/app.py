@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import time
 from collections.abc import Mapping
+from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Request, Response
 from flask.sessions import SessionInterface, SessionMixin
 
-from . import errors, health, logs, metrics, openapi, ratelimit, security, store, webhooks
-from .config import settings_from_environment
+from webhook_server import errors
+from webhook_server.ingest import ratelimit, views
+from webhook_server.ops import access, health, metrics_endpoint, openapi, security
+from webhook_server.settings import settings_from_environment
+from webhook_server.store import extension as store
+from webhook_server.store.counters import storage_uri
+from webhook_server.store.sqlite import make_private_dir
 
 
 class NoSession(SessionInterface):
@@ -23,6 +32,23 @@ class NoSession(SessionInterface):
         return None
 
 
+def shared_secret_key(data_dir: Path) -> str:
+    """The key kept in DATA_DIR when FLASK_SECRET_KEY is unset: the same for every worker and
+    restart (a key per process would make one worker's cookies invalid in the next)."""
+    path = data_dir / "flask-secret-key"
+    make_private_dir(data_dir)
+    with suppress(FileExistsError):  # the first process to get here writes it
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(secrets.token_urlsafe(32))
+    for _ in range(100):  # another process may have created it a moment ago and not written yet
+        key = path.read_text(encoding="utf-8").strip()
+        if key:
+            return key
+        time.sleep(0.01)
+    raise RuntimeError(f"{path} is empty; delete it and start again")
+
+
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the web app from `.env`, the environment, then `config` (setting names as keys).
 
@@ -32,8 +58,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update(
         SETTINGS=settings,
-        SECRET_KEY=settings.flask_secret_key or secrets.token_urlsafe(32),
-        # Bodies are read by the webhook view with its own bound; see webhooks.read_body.
+        SECRET_KEY=settings.flask_secret_key or shared_secret_key(settings.data_dir),
+        # Bodies are read by the webhook view with its own bound; see ingest.body.read_body.
         MAX_CONTENT_LENGTH=None,
         MAX_FORM_MEMORY_SIZE=None,
     )
@@ -41,12 +67,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.session_interface = NoSession()
     app.json.sort_keys = False  # type: ignore[attr-defined]
     errors.init_app(app)
-    logs.init_app(app, settings.log_level)
+    access.init_app(app, settings.log_level)
     security.init_app(app, settings.trusted_proxies)
     store.init_app(app, settings.database_path)
-    metrics.init_app(app)
-    ratelimit.init_app(app, ratelimit.storage_uri(settings.database_path, settings.redis_url), settings.rate_limit)
-    app.register_blueprint(webhooks.bp)
+    metrics_endpoint.init_app(app)
+    ratelimit.init_app(app, storage_uri(settings.database_path, settings.redis_url), settings.rate_limit)
+    app.register_blueprint(views.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     return app

@@ -1,27 +1,54 @@
-"""Proof of who sent a webhook: one verifier per scheme, constant-time compares only.
+"""Proof of who sent a webhook: the registry of sign-in schemes, constant-time compares only.
 
-Every verifier takes the source, the request headers and the raw body, and raises
-`BadCredentials` (one message for every failure, so a caller learns nothing about which
-part was wrong). Each accepts any of the source's secrets, so secrets can be rotated.
+`SCHEMES` holds one entry per scheme: how to verify a request, how its sender signs one (for
+`webhook-server send` and the tests), which headers carry the credential, its OpenAPI
+security entry, and where its sender puts a delivery id and a timestamp. Adding a scheme is
+adding an entry here.
+
+Every verifier takes the source's keys, the request headers and the raw body, and raises
+`BadCredentials` (one message for every failure, so a caller learns nothing about which part
+was wrong; its `reason` goes to the server's log). Each accepts any of the source's secrets,
+so secrets can be rotated.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from standardwebhooks.webhooks import Webhook
 from werkzeug.datastructures import Headers as WerkzeugHeaders
 
-from .errors import BadCredentials
-from .sources import Source
+from webhook_server.errors import BadCredentials
 
 # A request's headers (werkzeug's, case-insensitive) or a plain mapping, as tests may pass.
 Headers = Mapping[str, str] | WerkzeugHeaders
-Verifier = Callable[[Source, Headers, bytes], None]
+
+
+class Keys(Protocol):
+    """What a verifier needs of a source."""
+
+    @property
+    def scheme(self) -> str: ...
+
+    @property
+    def secrets(self) -> tuple[str, ...]: ...
+
+    @property
+    def signature_header(self) -> str | None: ...
+
+
+Verifier = Callable[[Keys, Headers, bytes], None]
+# (keys, the secret to sign with, the raw body) -> the headers its sender would add
+Signer = Callable[[Keys, str, bytes], dict[str, str]]
 
 # Senders that timestamp their signatures are refused outside this window (replay protection).
 TIMESTAMP_TOLERANCE_SECONDS = 300
@@ -60,13 +87,13 @@ def _authorization(headers: Headers, kind: str) -> str:
     return credentials.strip()
 
 
-def verify_bearer(source: Source, headers: Headers, body: bytes) -> None:
+def verify_bearer(source: Keys, headers: Headers, body: bytes) -> None:
     """`Authorization: Bearer <secret>` (Particle)."""
     token = _authorization(headers, "bearer")
     _require(_any_equal([token], source.secrets), "wrong bearer token")
 
 
-def verify_basic(source: Source, headers: Headers, body: bytes) -> None:
+def verify_basic(source: Keys, headers: Headers, body: bytes) -> None:
     """`Authorization: Basic base64(user:password)`; a secret is `user:password`."""
     encoded = _authorization(headers, "basic")
     try:
@@ -79,7 +106,7 @@ def verify_basic(source: Source, headers: Headers, body: bytes) -> None:
 def _hub_signature(algorithm: str, default_header: str) -> Verifier:
     """GitHub style: `<header>: <algorithm>=<hex HMAC of the raw body>`."""
 
-    def verify(source: Source, headers: Headers, body: bytes) -> None:
+    def verify(source: Keys, headers: Headers, body: bytes) -> None:
         header = source.signature_header or default_header
         value = headers.get(header, "")
         prefix, _, signature = value.partition("=")
@@ -105,7 +132,7 @@ def _fresh(timestamp: str) -> bool:
         return False
 
 
-def verify_standard_webhooks(source: Source, headers: Headers, body: bytes) -> None:
+def verify_standard_webhooks(source: Keys, headers: Headers, body: bytes) -> None:
     """Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64>`."""
     wanted = {k: headers.get(k, "") for k in ("webhook-id", "webhook-timestamp", "webhook-signature")}
     matched = False
@@ -121,7 +148,7 @@ def verify_standard_webhooks(source: Source, headers: Headers, body: bytes) -> N
     _require(matched, reason)
 
 
-def verify_stripe(source: Source, headers: Headers, body: bytes) -> None:
+def verify_stripe(source: Keys, headers: Headers, body: bytes) -> None:
     """Stripe: `Stripe-Signature: t=<ts>,v1=<hex>` over `<ts>.<body>`, keyed by the whsec_ string."""
     parts = [p.partition("=") for p in headers.get("Stripe-Signature", "").split(",")]
     timestamps = [v.strip() for k, _, v in parts if k.strip() == "t"]
@@ -133,7 +160,7 @@ def verify_stripe(source: Source, headers: Headers, body: bytes) -> None:
     _require(_any_equal(signatures, expected), "Stripe-Signature does not match the body")
 
 
-def verify_slack(source: Source, headers: Headers, body: bytes) -> None:
+def verify_slack(source: Keys, headers: Headers, body: bytes) -> None:
     """Slack: `X-Slack-Signature: v0=<hex>` over `v0:<X-Slack-Request-Timestamp>:<body>`."""
     timestamp = headers.get("X-Slack-Request-Timestamp", "")
     _require(_fresh(timestamp), "X-Slack-Request-Timestamp is missing or not within five minutes")
@@ -144,7 +171,7 @@ def verify_slack(source: Source, headers: Headers, body: bytes) -> None:
     _require(_any_equal([given], expected), "X-Slack-Signature does not match the body")
 
 
-def verify_shopify(source: Source, headers: Headers, body: bytes) -> None:
+def verify_shopify(source: Keys, headers: Headers, body: bytes) -> None:
     """Shopify: `X-Shopify-Hmac-Sha256: <base64 HMAC-SHA256 of the body>`."""
     expected = [base64.b64encode(_digest("sha256", s.encode(), body)) for s in source.secrets]
     given = headers.get("X-Shopify-Hmac-Sha256", "")
@@ -152,25 +179,56 @@ def verify_shopify(source: Source, headers: Headers, body: bytes) -> None:
     _require(_any_equal([given.encode()], expected), "X-Shopify-Hmac-Sha256 does not match the body")
 
 
-VERIFIERS: dict[str, Verifier] = {
-    "bearer": verify_bearer,
-    "basic": verify_basic,
-    "hmac-sha256": verify_hmac_sha256,
-    "hmac-sha1": verify_hmac_sha1,
-    "hmac-sha512": verify_hmac_sha512,
-    "standard-webhooks": verify_standard_webhooks,
-    "stripe": verify_stripe,
-    "slack": verify_slack,
-    "shopify": verify_shopify,
-}
+def sign_hub(secret: str, body: bytes, algorithm: str = "sha256") -> str:
+    """The signature header value a GitHub-style sender would send."""
+    return f"{algorithm}=" + _digest(algorithm, secret.encode(), body).hex()
 
 
-def authenticate(source: Source, headers: Headers, body: bytes) -> None:
-    """Raise `BadCredentials` unless the request carries a valid credential for `source`."""
-    VERIFIERS[source.scheme](source, headers, body)
+def _sign_hub(algorithm: str, default_header: str) -> Signer:
+    def sign(keys: Keys, secret: str, body: bytes) -> dict[str, str]:
+        headers = {keys.signature_header or default_header: sign_hub(secret, body, algorithm)}
+        if algorithm == "sha256":
+            headers["X-GitHub-Delivery"] = str(uuid.uuid4())
+        return headers
+
+    return sign
 
 
-# Headers in which senders put their own delivery id, used to recognise a redelivery.
+def _sign_bearer(keys: Keys, secret: str, body: bytes) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def _sign_basic(keys: Keys, secret: str, body: bytes) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(secret.encode()).decode()}
+
+
+def _sign_stripe(keys: Keys, secret: str, body: bytes) -> dict[str, str]:
+    stamp = str(int(time.time()))
+    digest = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return {"Stripe-Signature": f"t={stamp},v1={digest}"}
+
+
+def _sign_slack(keys: Keys, secret: str, body: bytes) -> dict[str, str]:
+    stamp = str(int(time.time()))
+    digest = hmac.new(secret.encode(), b"v0:" + stamp.encode() + b":" + body, hashlib.sha256).hexdigest()
+    return {"X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": f"v0={digest}"}
+
+
+def _sign_standard(keys: Keys, secret: str, body: bytes) -> dict[str, str]:
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    now = datetime.now(UTC)
+    signature = Webhook(secret).sign(msg_id, now, body.decode())
+    return {"webhook-id": msg_id, "webhook-timestamp": str(int(now.timestamp())), "webhook-signature": signature}
+
+
+def _sign_shopify(keys: Keys, secret: str, body: bytes) -> dict[str, str]:
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).digest()
+    return {"X-Shopify-Hmac-Sha256": base64.b64encode(digest).decode(), "X-Shopify-Webhook-Id": str(uuid.uuid4())}
+
+
+# -- where a sender says "this is a redelivery" --------------------------------------------------
+
+# Headers in which senders put their own delivery id, honoured for every scheme.
 DELIVERY_ID_HEADERS = (
     "X-GitHub-Delivery",
     "webhook-id",
@@ -180,6 +238,126 @@ DELIVERY_ID_HEADERS = (
 )
 
 
-def sign_hub(secret: str, body: bytes, algorithm: str = "sha256") -> str:
-    """The signature header value a GitHub-style sender would send (used by `send` and tests)."""
-    return f"{algorithm}=" + _digest(algorithm, secret.encode(), body).hex()
+def header_delivery_id(headers: Headers, payload: Any) -> str | None:
+    return next((headers[h] for h in DELIVERY_ID_HEADERS if headers.get(h)), None)
+
+
+def stripe_delivery_id(headers: Headers, payload: Any) -> str | None:
+    """Stripe sends no delivery header; its event id (`evt_...`) names the event."""
+    given = payload.get("id") if isinstance(payload, dict) else None
+    return header_delivery_id(headers, payload) or (given if isinstance(given, str) and given else None)
+
+
+def standard_webhooks_secret_problem(value: str) -> str | None:
+    """`whsec_<base64>`: anything else would be decoded into some other key and never match."""
+    encoded = value.removeprefix("whsec_")
+    try:
+        if base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True):
+            return None
+    except (binascii.Error, ValueError):
+        pass
+    return "whsec_ followed by base64"
+
+
+# -- the registry --------------------------------------------------------------------------------
+
+
+def _header_key(name: str, description: str) -> dict[str, str]:
+    return {"type": "apiKey", "in": "header", "name": name, "description": description}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    verify: Verifier
+    sign: Signer
+    headers: tuple[str, ...]  # the request headers that carry the credential
+    security: dict[str, dict[str, str]]  # its OpenAPI security schemes, all required together
+    delivery_id: Callable[[Headers, Any], str | None] = header_delivery_id
+    timestamp_header: str | None = None  # where its sender puts the signed time, if anywhere
+    secret_problem: Callable[[str], str | None] = field(default=lambda value: None)
+
+
+def _hub(algorithm: str, header: str, key: str) -> Scheme:
+    return Scheme(
+        f"hmac-{algorithm}",
+        _hub_signature(algorithm, header),
+        _sign_hub(algorithm, header),
+        (header,),
+        {key: _header_key(header, f"`{algorithm}=<hex HMAC-{algorithm.upper()} of the raw body>`.")},
+    )
+
+
+SCHEMES: dict[str, Scheme] = {
+    scheme.name: scheme
+    for scheme in (
+        Scheme(
+            "bearer",
+            verify_bearer,
+            _sign_bearer,
+            ("Authorization",),
+            {"bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <secret>`."}},
+        ),
+        Scheme(
+            "basic",
+            verify_basic,
+            _sign_basic,
+            ("Authorization",),
+            {"basic": {"type": "http", "scheme": "basic", "description": "A `basic` source's user:password."}},
+        ),
+        _hub("sha256", "X-Hub-Signature-256", "hubSignature256"),
+        _hub("sha1", "X-Hub-Signature", "hubSignature"),
+        _hub("sha512", "X-Hub-Signature-512", "hubSignature512"),
+        Scheme(
+            "standard-webhooks",
+            verify_standard_webhooks,
+            _sign_standard,
+            ("webhook-signature",),
+            {
+                "webhookId": _header_key("webhook-id", "Standard Webhooks message id."),
+                "webhookTimestamp": _header_key("webhook-timestamp", "Standard Webhooks timestamp (Unix seconds)."),
+                "webhookSignature": _header_key("webhook-signature", "Standard Webhooks `v1,<base64>` signatures."),
+            },
+            timestamp_header="webhook-timestamp",
+            secret_problem=standard_webhooks_secret_problem,
+        ),
+        Scheme(
+            "stripe",
+            verify_stripe,
+            _sign_stripe,
+            ("Stripe-Signature",),
+            {"stripeSignature": _header_key("Stripe-Signature", "`t=<timestamp>,v1=<hex>`.")},
+            delivery_id=stripe_delivery_id,
+            timestamp_header="Stripe-Signature",
+        ),
+        Scheme(
+            "slack",
+            verify_slack,
+            _sign_slack,
+            ("X-Slack-Signature",),
+            {
+                "slackSignature": _header_key("X-Slack-Signature", "`v0=<hex>`."),
+                "slackTimestamp": _header_key("X-Slack-Request-Timestamp", "Unix seconds."),
+            },
+            timestamp_header="X-Slack-Request-Timestamp",
+        ),
+        Scheme(
+            "shopify",
+            verify_shopify,
+            _sign_shopify,
+            ("X-Shopify-Hmac-Sha256",),
+            {"shopifyHmac": _header_key("X-Shopify-Hmac-Sha256", "Base64 HMAC-SHA256 of the raw body.")},
+        ),
+    )
+}
+
+
+def authenticate(source: Keys, headers: Headers, body: bytes) -> None:
+    """Raise `BadCredentials` unless the request carries a valid credential for `source`."""
+    SCHEMES[source.scheme].verify(source, headers, body)
+
+
+def bearer_token(headers: Headers) -> str | None:
+    """The token of `Authorization: Bearer <token>`, or None (for /metrics)."""
+    scheme, _, credentials = headers.get("Authorization", "").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -16,8 +15,15 @@ from typing import Any
 
 import click
 
-from .config import ConfigError, Settings, settings_from_environment
-from .ports import PortInUse, check_free
+from webhook_server.delivery.queue import DeliveryQueue
+from webhook_server.delivery.worker import Worker
+from webhook_server.ingest.send import send_test_event
+from webhook_server.ops import supervisor
+from webhook_server.ops.logs import configure_logging
+from webhook_server.ops.metrics import ensure_multiprocess_dir
+from webhook_server.ops.ports import PortInUse, check_free
+from webhook_server.settings import SETTINGS, ConfigError, Settings, settings_from_environment
+from webhook_server.store.sqlite import Store
 
 GUNICORN_CONFIG = "python:webhook_server.gunicorn_conf"
 APP_SPEC = "webhook_server:create_app()"
@@ -66,8 +72,6 @@ def gunicorn_command(host: str, port: int) -> list[str]:
 def metrics_environment(settings: Settings, clear: bool = False) -> None:
     """PROMETHEUS_MULTIPROC_DIR (default <DATA_DIR>/prometheus) in the environment before any
     child starts or any metric is made, so every process's counts add up (see metrics.py)."""
-    from .metrics import ensure_multiprocess_dir
-
     ensure_multiprocess_dir(settings.data_dir, clear=clear)
 
 
@@ -86,9 +90,6 @@ def web(host: str, port: int) -> None:
 @main.command()
 def worker() -> None:
     """Only the delivery worker: sends notifications for stored events."""
-    from .delivery import Worker
-    from .logs import configure_logging
-
     settings = load_or_exit()
     metrics_environment(settings)
     configure_logging(settings.log_level)
@@ -116,72 +117,40 @@ def serve(host: str, port: int) -> None:
         f" notifications go to {target}",
         err=True,
     )
-    sys.exit(Supervisor(gunicorn_command(host, port), [sys.executable, "-m", "webhook_server", "worker"]).run())
+    # Become the lean supervisor (same pid, so signals sent to `serve` still reach it): what was
+    # imported to validate the settings would otherwise stay in this process for its whole life.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = supervisor.command(gunicorn_command(host, port), [sys.executable, "-m", "webhook_server", "worker"])
+    os.execv(argv[0], argv)  # noqa: S606
 
 
-class Supervisor:
-    """Runs the web server and the worker as children; restarts the worker if it dies."""
-
-    def __init__(self, web_command: list[str], worker_command: list[str]) -> None:
-        self.web_command = web_command
-        self.worker_command = worker_command
-        self.stopping = False
-
-    def run(self) -> int:
-        web = subprocess.Popen(self.web_command)
-        worker = subprocess.Popen(self.worker_command)
-        children = [web, worker]
-
-        def _forward(signum: int, frame: FrameType | None) -> None:
-            self.stopping = True
-            for child in children:
-                if child.poll() is None:
-                    child.send_signal(signum)
-
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, _forward)
-        while web.poll() is None:
-            if worker.poll() is not None and not self.stopping:
-                click.echo(f"webhook-server: worker exited ({worker.returncode}); restarting", err=True)
-                time.sleep(1)
-                worker = subprocess.Popen(self.worker_command)
-                children[1] = worker
-            time.sleep(0.2)
-        self.stopping = True
-        if worker.poll() is None:
-            worker.terminate()
-        worker.wait(timeout=30)
-        return web.returncode or 0
-
-
-ENV_TEMPLATE = """\
+ENV_HEADER = """\
 # webhook-server configuration, written by `webhook-server init` on {date}.
 # Every variable is described in README.md. This file holds secrets: keep it private (mode 600).
-# Values with shell characters are quoted, so `set -a; . ./.env` works as well.
-
-PARTICLE_WEBHOOK_SECRET={particle}
-WEBHOOK_SECRET={generic}
-FLASK_SECRET_KEY={flask}
-
-DATA_DIR=./data
-ALERT_TIMEZONE=UTC
-ALERT_COOLDOWN_SECONDS=60
-RATE_LIMIT="60/minute;20/second"
-
-# Email and SMS: with neither SMTP_EMAIL nor SMTP_HOST set, notifications are written to the log.
-# SMTP_EMAIL=you@gmail.com
-# SMTP_PASSWORD=your-app-password
-# RECIPIENT_EMAIL=you@example.com,5551234567@vtext.com
-# DEVICE_NAMES=0123456789abcdef01234567:Storage unit 12
+# Values are quoted, so `set -a; . ./.env` works in a shell as well.
 """
+
+
+def env_template(fresh: dict[str, str]) -> str:
+    """The `.env` that `init` writes, from the settings table: fresh secrets, safe defaults and
+    commented examples. `fresh` maps each secret's name to its new value."""
+    lines = [ENV_HEADER.format(date=time.strftime("%Y-%m-%d"))]
+    for setting in SETTINGS:
+        if setting.init is None:
+            continue
+        value = fresh[setting.name] if setting.init == "secret" else setting.example or str(setting.default)
+        prefix = "# " if setting.init == "comment" else ""
+        lines.append(f'# {setting.help}\n{prefix}{setting.name}="{value}"\n')
+    return "\n".join(lines)
 
 
 @main.command()
 @click.option("--path", default=".env", show_default=True, type=click.Path(dir_okay=False))
 def init(path: str) -> None:
     """Write a first .env with fresh secrets (never overwrites one)."""
-    values = {name: secrets.token_urlsafe(32) for name in ("particle", "generic", "flask")}
-    text = ENV_TEMPLATE.format(date=time.strftime("%Y-%m-%d"), **values)
+    fresh = {s.name: secrets.token_urlsafe(32) for s in SETTINGS if s.init == "secret"}
+    text = env_template(fresh)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -191,8 +160,8 @@ def init(path: str) -> None:
         handle.write(text)
     click.echo(
         f"Wrote {Path(path).resolve()} (mode 600) with fresh secrets. They are shown only this once:\n\n"
-        f"  PARTICLE_WEBHOOK_SECRET={values['particle']}\n"
-        f"  WEBHOOK_SECRET={values['generic']}\n\n"
+        f"  PARTICLE_WEBHOOK_SECRET={fresh['PARTICLE_WEBHOOK_SECRET']}\n"
+        f"  WEBHOOK_SECRET={fresh['WEBHOOK_SECRET']}\n\n"
         "Start the server:         webhook-server serve\n"
         'Send a first test event:  webhook-server send \'{"event": "motion", "data": "front door"}\'\n'
         "Notifications go to the log until you set SMTP_EMAIL (or SMTP_HOST) and RECIPIENT_EMAIL."
@@ -218,8 +187,6 @@ def gen_secret(nbytes: int) -> None:
 @click.argument("payload", default="{}")
 def send(source_name: str | None, url: str, timeout: float, payload: str) -> None:
     """Sign and send a test event the way the source's sender would."""
-    from .senders import send_test_event
-
     settings = load_or_exit()
     try:
         document: Any = json.loads(payload)
@@ -257,10 +224,7 @@ def dead_letters(ctx: click.Context) -> None:
         ctx.invoke(dead_letters_list)
 
 
-def _queue() -> Any:
-    from .delivery import DeliveryQueue
-    from .store import Store
-
+def _queue() -> DeliveryQueue:
     settings = load_or_exit()
     return DeliveryQueue(Store(settings.database_path), settings)
 

@@ -1,7 +1,13 @@
-"""Errors that map to a status, and the one JSON error shape: {"error": code, "message": text}."""
+"""Every status a client can get, the errors that map to them, and the one JSON error shape.
+
+`STATUSES` is the one table of statuses: the error name in the body, the outcome label the
+metrics and the access log use, and the description the OpenAPI document gives. The error
+classes subclass werkzeug's HTTP exceptions and take their name from it.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response, g, jsonify
@@ -18,24 +24,43 @@ from werkzeug.exceptions import (
     UnsupportedMediaType,
 )
 
-# Machine-readable codes for werkzeug's own exceptions.
-CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-    422: "schema_violation",
-    429: "rate_limited",
-    500: "internal_error",
-    503: "unavailable",
+
+@dataclass(frozen=True)
+class Status:
+    error: str  # the "error" of the JSON body
+    outcome: str  # the label in metrics and the access log
+    description: str  # what the OpenAPI document says of it
+
+
+STATUSES: dict[int, Status] = {
+    400: Status("malformed_body", "malformed", "Malformed body (not valid JSON, a bad form, bad UTF-8)."),
+    401: Status(
+        "unauthorized", "unauthorized", "Missing or invalid credentials (the same answer whichever part failed)."
+    ),
+    403: Status("forbidden", "forbidden", "This client address may not send to this source."),
+    404: Status("not_found", "not_found", "No such endpoint, or no source enabled at this path."),
+    405: Status("method_not_allowed", "method_not_allowed", "The endpoint does not take this method."),
+    413: Status("payload_too_large", "too_large", "The body is over the limit (checked before it is read whole)."),
+    415: Status("unsupported_media_type", "unsupported", "Unsupported Content-Type."),
+    422: Status("schema_violation", "invalid", "The body parsed but does not match the source's schema."),
+    429: Status("rate_limited", "rate_limited", "Rate limit exceeded for this source and client address."),
+    500: Status("internal_error", "error", "The server failed; never for anything a client sent."),
+    503: Status(
+        "unavailable", "unavailable", "The server cannot accept the event safely right now; retry after Retry-After."
+    ),
 }
+# The refusals a webhook endpoint documents (OpenAPI), in the contract's order of checks first.
+WEBHOOK_REFUSALS = (404, 405, 413, 401, 415, 400, 422, 403, 429, 503)
+
+
+def outcome_for(status: int) -> str:
+    """The metrics and access-log outcome of a response with no outcome of its own."""
+    known = STATUSES.get(status)
+    return known.outcome if known else ("error" if status >= 400 else "ok")
 
 
 class MalformedBody(BadRequest):
-    code_name = "malformed_body"
+    pass
 
 
 class BadCredentials(Unauthorized):
@@ -45,7 +70,6 @@ class BadCredentials(Unauthorized):
     header) for the server's log only; it never reaches the response.
     """
 
-    code_name = "unauthorized"
     description = "Missing or invalid credentials."
 
     def __init__(self, reason: str = "missing or invalid credentials") -> None:
@@ -54,22 +78,19 @@ class BadCredentials(Unauthorized):
 
 
 class AddressNotAllowed(Forbidden):
-    code_name = "forbidden"
     description = "This client address may not send to this source."
 
 
 class PayloadTooLarge(RequestEntityTooLarge):
-    code_name = "payload_too_large"
+    pass
 
 
 class WrongContentType(UnsupportedMediaType):
-    code_name = "unsupported_media_type"
+    pass
 
 
 class SchemaViolation(UnprocessableEntity):
     """The body parsed but does not match the source's schema."""
-
-    code_name = "schema_violation"
 
     def __init__(self, message: str, fields: list[str]) -> None:
         super().__init__(message)
@@ -81,15 +102,12 @@ class SchemaViolation(UnprocessableEntity):
 class RateLimited(TooManyRequests):
     """A rate-limit window for this source and client address is full."""
 
-    code_name = "rate_limited"
-
     def __init__(self, limit: str, retry_after: int) -> None:
         super().__init__(f"Rate limit exceeded ({limit}); retry after the time in Retry-After.")
         self.retry_after = retry_after
 
 
 class StoreUnavailable(ServiceUnavailable):
-    code_name = "unavailable"
     description = "The event store cannot accept events right now; retry shortly."
     retry_after = 5
 
@@ -102,14 +120,13 @@ def reason_of(error: HTTPException) -> str:
 def error_response(error: HTTPException) -> Response:
     """Render any HTTP exception in the one JSON error shape."""
     status = error.code or 500
-    message = error.description or ""
-    body: dict[str, Any] = {"error": getattr(error, "code_name", CODES.get(status, "error")), "message": message}
+    known = STATUSES.get(status)
+    body: dict[str, Any] = {"error": known.error if known else "error", "message": error.description or ""}
     if isinstance(error, SchemaViolation):
         body["fields"] = error.fields
     response = jsonify(body)
     response.status_code = status
-    headers = error.get_headers()
-    for name, value in headers:
+    for name, value in error.get_headers():
         if name.lower() not in ("content-type", "content-length"):
             response.headers[name] = value
     if isinstance(error, Unauthorized):
@@ -125,7 +142,7 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(error: HTTPException) -> Response:
-        g.reason = reason_of(error)  # the access log line carries it (logs._log_request)
+        g.reason = reason_of(error)  # the access log line carries it (ops.access)
         return error_response(error)
 
     @app.errorhandler(Exception)

@@ -1,19 +1,29 @@
 """Gunicorn settings for `webhook-server web` and `serve` (`gunicorn -c python:webhook_server.gunicorn_conf`)."""
 
+import gc
 import os
 import sys
 from typing import Any
 
-from webhook_server.metrics import child_exit as mark_process_dead
-from webhook_server.metrics import clear_stale_files
-from webhook_server.ports import PortInUse, check_free
+# Every module a worker needs, imported (only imported: no app, connection or thread) here in
+# the master, so that the forked workers share those pages instead of each loading its own.
+import webhook_server.app  # noqa: F401
+from webhook_server.ops.metrics import child_exit as mark_process_dead
+from webhook_server.ops.metrics import clear_stale_files
+from webhook_server.ops.ports import PortInUse, check_free
+from webhook_server.settings import ConfigError, setting_from_environment
+
+try:
+    workers = setting_from_environment("WEB_CONCURRENCY")
+    threads = setting_from_environment("GUNICORN_THREADS")
+    loglevel = setting_from_environment("LOG_LEVEL").lower()
+except ConfigError as exc:
+    sys.exit(f"webhook-server: {exc}")
 
 bind = os.environ.get("BIND", "127.0.0.1:5000")
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # Threads, not sync workers: long-lived connections (keep-alive from Traefik, streams) would
 # otherwise hold a whole worker each.
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "8"))
 # Without reuse_port one gthread worker took every keep-alive connection in half the runs here.
 reuse_port = True
 # Gunicorn 27's control socket is shared by every Gunicorn on the machine; we do not use it.
@@ -25,15 +35,14 @@ graceful_timeout = 20
 keepalive = 15
 # Our own JSON logs record every request; Gunicorn's access log would repeat them.
 accesslog = None
-logger_class = "webhook_server.logs.GunicornNoAccessLogger"
+logger_class = "webhook_server.ops.logs.GunicornNoAccessLogger"
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # Gunicorn's own messages in the same one-JSON-object-per-line form as the app's.
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "webhook_server.logs.JsonFormatter"}},
-    "filters": {"listening": {"()": "webhook_server.logs.WithoutEmptyListeningLine"}},
+    "formatters": {"json": {"()": "webhook_server.ops.logs.JsonFormatter"}},
+    "filters": {"listening": {"()": "webhook_server.ops.logs.WithoutEmptyListeningLine"}},
     "handlers": {
         "stdout": {
             "class": "logging.StreamHandler",
@@ -42,7 +51,7 @@ logconfig_dict = {
             "stream": "ext://sys.stdout",
         }
     },
-    # The app attaches its own JSON handler to the root logger (webhook_server.logs).
+    # The app attaches its own JSON handler to the root logger (webhook_server.ops.logs).
     "root": {"level": loglevel.upper(), "handlers": []},
     "loggers": {
         "gunicorn.error": {"handlers": ["stdout"], "level": loglevel.upper(), "propagate": False},
@@ -54,12 +63,9 @@ limit_request_fields = 100
 limit_request_field_size = 16384
 
 
-# Prometheus multiprocess mode (webhook_server.metrics): clear the files an earlier run left,
-# and take a dead worker's live gauges out of the sums. Both do nothing without
-# PROMETHEUS_MULTIPROC_DIR (plain `gunicorn "webhook_server:create_app()"`).
 def on_starting(server: Any) -> None:
     # With reuse_port each worker binds for itself, so Gunicorn never notices a port that is
-    # taken: refuse here, before any worker starts (see webhook_server.ports).
+    # taken: refuse here, before any worker starts (see webhook_server.ops.ports).
     for address in server.cfg.address:
         if isinstance(address, tuple):
             try:
@@ -67,6 +73,8 @@ def on_starting(server: Any) -> None:
             except PortInUse as exc:
                 server.log.error("not starting: %s", exc)
                 sys.exit(2)
+    # Prometheus multiprocess mode (webhook_server.ops.metrics): clear the files an earlier run
+    # left. Does nothing without PROMETHEUS_MULTIPROC_DIR (plain `gunicorn "webhook_server:create_app()"`).
     clear_stale_files()
 
 
@@ -76,5 +84,12 @@ def when_ready(server: Any) -> None:
     server.log.info("Listening at: %s (%s)", ",".join(urls), server.pid)
 
 
+def pre_fork(server: Any, worker: Any) -> None:
+    # What the master made (the modules above) moves to the permanent generation before each
+    # fork, so a worker's collector never writes to those objects and their pages stay shared.
+    gc.freeze()
+
+
 def child_exit(server: Any, worker: Any) -> None:
+    # A dead worker's live gauges leave the sums.
     mark_process_dead(getattr(worker, "pid", 0))

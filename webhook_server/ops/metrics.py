@@ -1,4 +1,5 @@
-"""Prometheus metrics at `GET /metrics`, right whichever Gunicorn worker answers the scrape.
+"""Prometheus metrics, right whichever Gunicorn worker answers the scrape (the endpoint and the
+request hooks are in `ops.metrics_endpoint`, so that the delivery worker needs no Flask).
 
 Two modes, chosen once per process when the first metric is made:
 
@@ -22,10 +23,6 @@ Two modes, chosen once per process when the first metric is made:
 
 The gauges about the queue (`StoreCollector`) are read from the store at scrape time, so they
 are exact in either mode and whichever process scrapes.
-
-Access (the contract): ``DISABLE_SYSTEM_INFO=true`` hides the endpoint (404) unless
-``METRICS_TOKEN`` is set and presented as ``Authorization: Bearer``; when ``METRICS_TOKEN`` is
-set it is required (401 without it, or 404 under ``DISABLE_SYSTEM_INFO=true``).
 """
 
 from __future__ import annotations
@@ -33,19 +30,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
-import hmac
 import logging
 import os
 import re
 import socket
 import sqlite3
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -58,11 +52,8 @@ from prometheus_client import (
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
-from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from .config import Settings
-from .errors import BadCredentials
-from .store import Store, get_store, make_private_dir
+from webhook_server.store.sqlite import Store, make_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,23 +65,7 @@ ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # From receipt to the SMTP server's acceptance: seconds normally, up to the retry cap (1 h).
 DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
-# The outcome label of a refused webhook, by status (an accepted one sets `g.outcome`).
-OUTCOMES = {
-    400: "malformed",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
-    415: "unsupported",
-    422: "invalid",
-    429: "rate_limited",
-    503: "unavailable",
-}
 DELIVERY_OUTCOMES = {"sent": "sent", "retry": "retry", "pending": "retry", "dead": "dead"}
-WEBHOOK_BLUEPRINT = "webhooks"
-# OPTIONS too, or Flask would answer it itself (200) even where /metrics is hidden.
-ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
 # -- where the counts live ------------------------------------------------------------------
@@ -362,74 +337,3 @@ def render(store: Store) -> bytes:
         registry.register(_Local())
     registry.register(StoreCollector(store))
     return generate_latest(registry)
-
-
-# -- the endpoint and the request hooks -------------------------------------------------------
-
-bp = Blueprint("metrics", __name__)
-
-
-def _bearer_token() -> str | None:
-    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
-
-
-def check_access(settings: Settings) -> None:
-    """404 when hidden, 405 for another method, 401 without the token when one is set."""
-    token = settings.metrics_token
-    given = _bearer_token()
-    valid = token is not None and given is not None and hmac.compare_digest(given.encode(), token.encode())
-    if settings.disable_system_info and not valid:
-        raise NotFound()
-    if request.method not in ("GET", "HEAD"):
-        raise MethodNotAllowed(valid_methods=["GET", "HEAD"])
-    if token is not None and not valid:
-        raise BadCredentials("wrong or missing METRICS_TOKEN")
-
-
-@bp.route("/metrics", methods=ALL_METHODS)
-def metrics() -> Response:
-    settings: Settings = current_app.config["SETTINGS"]
-    check_access(settings)
-    return Response(render(get_store()), mimetype=None, content_type=CONTENT_TYPE)
-
-
-def _start_timer() -> None:
-    g.metrics_started = time.perf_counter()
-
-
-def _source_label() -> str:
-    """The source that answered, bounded to enabled sources (never a name from the URL)."""
-    name = g.get("source_name")
-    if isinstance(name, str):
-        return name
-    from .webhooks import enabled_source  # the view module owns the path-to-source rule
-
-    path_name = (request.view_args or {}).get("name")
-    source = enabled_source(path_name) if isinstance(path_name, str) else None
-    return source.name if source is not None else "unknown"
-
-
-def _count_webhook(response: Response) -> Response:
-    if request.blueprint != WEBHOOK_BLUEPRINT:
-        return response
-    try:
-        outcome = (
-            g.get("outcome") or OUTCOMES.get(response.status_code) or ("error" if response.status_code >= 400 else "ok")
-        )
-        instruments = web_metrics()
-        instruments.requests.labels(_source_label(), outcome).inc()
-        started = g.get("metrics_started")
-        if request.method == "POST" and started is not None:
-            instruments.ack_seconds.observe(time.perf_counter() - started)
-    except Exception:  # a stored event must never get a 500 because of metrics
-        log.warning("could not record a request metric", exc_info=True)
-    return response
-
-
-def init_app(app: Flask) -> None:
-    """The /metrics endpoint and the per-request counts (429s included: the view decides them)."""
-    web_metrics()
-    app.before_request(_start_timer)
-    app.after_request(_count_webhook)
-    app.register_blueprint(bp)

@@ -7,9 +7,10 @@ import time
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from . import __version__
-from .config import Settings
-from .store import get_store, utc_now_iso
+from webhook_server import __version__
+from webhook_server.settings import Settings
+from webhook_server.store.extension import get_store
+from webhook_server.store.records import utc_now_iso
 
 bp = Blueprint("health", __name__)
 STARTED = time.monotonic()

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
-from importlib import resources
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from . import __version__
+from webhook_server import __version__
+from webhook_server.auth import SCHEMES
+from webhook_server.errors import STATUSES, WEBHOOK_REFUSALS
+from webhook_server.ingest.validate import packaged_schema
 
 bp = Blueprint("openapi", __name__)
 
@@ -31,8 +32,7 @@ def _ref(kind: str, name: str) -> dict[str, str]:
 
 def particle_schema() -> dict[str, Any]:
     """The packaged Particle JSON Schema, without the keywords that only make sense standalone."""
-    text = resources.files("webhook_server.schemas").joinpath("particle.json").read_text(encoding="utf-8")
-    schema: dict[str, Any] = json.loads(text)
+    schema = copy.deepcopy(packaged_schema("particle.json"))
     for key in ("$schema", "$id"):
         schema.pop(key, None)
     # The server also checks that the date exists (parsing.validate): say so, so that clients
@@ -80,22 +80,10 @@ BEARER_DESCRIPTION = (
     "`Authorization: Bearer <secret>`: PARTICLE_WEBHOOK_SECRET, a bearer source's secret, or METRICS_TOKEN."
 )
 
-ERROR_DESCRIPTIONS = {
-    "400": "Malformed body (not valid JSON, a bad form, bad UTF-8).",
-    "401": "Missing or invalid credentials (the same answer whichever part failed).",
-    "403": "This client address may not send to this source.",
-    "404": "No such endpoint, or no source enabled at this path.",
-    "413": "The body is over the limit (checked before it is read whole).",
-    "415": "Unsupported Content-Type.",
-    "422": "The body parsed but does not match the source's schema.",
-    "429": "Rate limit exceeded for this source and client address.",
-    "503": "The server cannot accept the event safely right now; retry after Retry-After.",
-}
-
 
 def _error_response(status: str) -> dict[str, Any]:
     response: dict[str, Any] = {
-        "description": ERROR_DESCRIPTIONS[status],
+        "description": STATUSES[int(status)].description,
         "content": {JSON: {"schema": _ref("schemas", "SchemaViolation" if status == "422" else "Error")}},
     }
     if status in ("429", "503"):
@@ -110,7 +98,7 @@ def _webhook_responses() -> dict[str, Any]:
         "200": _ref("responses", "Duplicate"),
         "202": _ref("responses", "Accepted"),
     }
-    responses.update({status: _ref("responses", f"Error{status}") for status in ERROR_DESCRIPTIONS})
+    responses.update({str(status): _ref("responses", f"Error{status}") for status in DOCUMENTED})
     return responses
 
 
@@ -133,21 +121,17 @@ def _any_json_body(description: str) -> dict[str, Any]:
     }
 
 
-SOURCE_SECURITY: list[dict[str, list[str]]] = [
-    {"bearer": []},
-    {"basic": []},
-    {"hubSignature256": []},
-    {"hubSignature": []},
-    {"hubSignature512": []},
-    {"webhookId": [], "webhookTimestamp": [], "webhookSignature": []},
-    {"stripeSignature": []},
-    {"slackSignature": [], "slackTimestamp": []},
-    {"shopifyHmac": []},
-]
+# Each scheme's security schemes, all required together; a source takes one of the alternatives.
+SOURCE_SECURITY: list[dict[str, list[str]]] = [{name: [] for name in scheme.security} for scheme in SCHEMES.values()]
+# 405 is described in the document's summary (every POST endpoint answers it with Allow: POST).
+DOCUMENTED = tuple(sorted(status for status in WEBHOOK_REFUSALS if status != 405))
 
 
-def _header_key(name: str, description: str) -> dict[str, str]:
-    return {"type": "apiKey", "in": "header", "name": name, "description": description}
+def security_schemes() -> dict[str, Any]:
+    """Every scheme's entries from the registry; `bearer` also serves METRICS_TOKEN."""
+    schemes: dict[str, Any] = {name: entry for scheme in SCHEMES.values() for name, entry in scheme.security.items()}
+    schemes["bearer"] = {**schemes["bearer"], "description": BEARER_DESCRIPTION}
+    return schemes
 
 
 @functools.cache
@@ -269,31 +253,7 @@ def document() -> dict[str, Any]:
             },
         },
         "components": {
-            "securitySchemes": {
-                "bearer": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": BEARER_DESCRIPTION,
-                },
-                "basic": {
-                    "type": "http",
-                    "scheme": "basic",
-                    "description": "A `basic` source's user:password.",
-                },
-                "hubSignature256": _header_key(
-                    "X-Hub-Signature-256",
-                    "`sha256=<hex HMAC-SHA256 of the raw body>` (WEBHOOK_SECRET).",
-                ),
-                "hubSignature": _header_key("X-Hub-Signature", "`sha1=<hex HMAC-SHA1 of the raw body>`."),
-                "hubSignature512": _header_key("X-Hub-Signature-512", "`sha512=<hex HMAC-SHA512 of the raw body>`."),
-                "webhookId": _header_key("webhook-id", "Standard Webhooks message id."),
-                "webhookTimestamp": _header_key("webhook-timestamp", "Standard Webhooks timestamp (Unix seconds)."),
-                "webhookSignature": _header_key("webhook-signature", "Standard Webhooks `v1,<base64>` signatures."),
-                "stripeSignature": _header_key("Stripe-Signature", "`t=<timestamp>,v1=<hex>`."),
-                "slackSignature": _header_key("X-Slack-Signature", "`v0=<hex>`."),
-                "slackTimestamp": _header_key("X-Slack-Request-Timestamp", "Unix seconds."),
-                "shopifyHmac": _header_key("X-Shopify-Hmac-Sha256", "Base64 HMAC-SHA256 of the raw body."),
-            },
+            "securitySchemes": security_schemes(),
             "schemas": {
                 "ParticleEvent": particle,
                 "ParticleForm": particle_form_schema(particle),
@@ -374,7 +334,7 @@ def document() -> dict[str, Any]:
                     "description": "A redelivery of an event already accepted.",
                     "content": {JSON: {"schema": _ref("schemas", "Duplicate")}},
                 },
-                **{f"Error{status}": _error_response(status) for status in ERROR_DESCRIPTIONS},
+                **{f"Error{status}": _error_response(str(status)) for status in DOCUMENTED},
             },
             "headers": {
                 "RetryAfter": {

@@ -1,20 +1,17 @@
-"""Turn a raw body into a payload, or a 400/415/422 with a reason."""
+"""Read a raw body within its limit and turn it into a payload, or a 413/415/400 with a reason."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError
 from werkzeug.datastructures import Headers
 from werkzeug.http import parse_options_header
+from werkzeug.wrappers import Request
 
-from .errors import MalformedBody, SchemaViolation, WrongContentType
+from webhook_server.errors import MalformedBody, PayloadTooLarge, WrongContentType
 
 MAX_DEPTH = 64
 MAX_FORM_FIELDS = 100
@@ -120,61 +117,45 @@ def parse_form(body: bytes) -> dict[str, str]:
     return form
 
 
-def validate(validator: Draft202012Validator | None, payload: Any, particle: bool = False) -> None:
-    """422 with the failing fields as JSON Pointers."""
-    errors = sorted(validator.iter_errors(payload), key=lambda e: list(e.absolute_path)) if validator else []
-    fields: list[str] = []
-    messages = [_message(e) for e in errors[:5]]
-    for error in errors:
-        path = list(error.absolute_path)
-        if error.validator == "required" and isinstance(error.instance, dict):
-            missing = [name for name in error.validator_value if name not in error.instance]
-            fields.extend(_pointer([*path, name]) for name in missing)
-        else:
-            fields.append(_pointer(path))
-    # The schema checks the shape; this checks that the date exists (no month 13, no 24:00).
-    if (
-        particle
-        and isinstance(payload, dict)
-        and "/published_at" not in fields
-        and not _real_time(payload.get("published_at"))
-    ):
-        fields.append("/published_at")
-        messages.append("published_at is not an ISO 8601 date and time")
-    if not fields:
-        return
-    fields = sorted(dict.fromkeys(fields))
-    raise SchemaViolation("The payload does not match the schema: " + "; ".join(messages), fields)
+def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 before reading when it is known to be too long.
+
+    A chunked body has no Content-Length, so read at most limit + 1 bytes: getting the
+    extra byte means it is too long (Flask's MAX_CONTENT_LENGTH would silently truncate it).
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
+    # A stream may return fewer bytes than asked for before its end: read until the end
+    # or one byte past the limit.
+    chunks: list[bytes] = []
+    size = 0
+    expected = request.content_length
+    while size <= limit and size != expected:  # with a Content-Length, no read past the end
+        try:
+            chunk = request.stream.read(limit + 1 - size)
+        # The server raises its own parse errors (a bad chunk size, a client gone mid-body):
+        # they are the client's fault, never a 500.
+        except Exception:
+            raise MalformedBody("The body could not be read (bad chunked encoding or a dropped connection).") from None
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    body = b"".join(chunks)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"The body is over the limit of {limit} bytes.")
+    return body
 
 
-def _message(error: ValidationError) -> str:
-    if error.validator == "pattern":
-        # The schema's pattern as compiled for Python (see sources.ecma_pattern) would confuse.
-        where = _pointer(list(error.absolute_path)) or "the body"
-        return f"{where} is not in the expected format"
-    return str(error.message[:200])
-
-
-def _real_time(value: Any) -> bool:
-    if not isinstance(value, str):
-        return True  # missing or of the wrong type: the schema reports it
-    try:
-        datetime.fromisoformat(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _pointer(path: list[Any]) -> str:
-    return "".join("/" + str(part).replace("~", "~0").replace("/", "~1") for part in path)
-
-
-def particle_dedupe_key(payload: dict[str, Any]) -> str:
-    """The same event, data, coreid and published_at is a redelivery, whatever the encoding."""
-    data = payload.get("data")
-    if data is None:
-        data = ""
-    elif not isinstance(data, str):
-        data = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    identity = [payload["event"], data, str(payload["coreid"]).lower(), payload["published_at"]]
-    return "p:" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+def parse_payload(headers: Headers, body: bytes, particle: bool) -> Any:
+    """The payload: JSON, or a form (Particle's default, or GitHub's `payload=<json>` option)."""
+    mimetype = require_media_type(headers, allow_form=True)
+    if mimetype != FORM:
+        return parse_json(body)
+    form = parse_form(body)
+    if particle:
+        return form
+    # GitHub's form option wraps the JSON document in a `payload` field.
+    if set(form) != {"payload"}:
+        raise MalformedBody("A form-encoded body must carry the JSON document in a 'payload' field.")
+    return parse_json(form["payload"].encode())

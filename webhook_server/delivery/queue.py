@@ -1,0 +1,199 @@
+"""The delivery queue in the store: at-least-once, with leases, retries and dead letters.
+
+Accepting an event only inserts it (`events.dispatched = 0`). The worker then, in store
+transactions:
+
+1. dispatches new events through the cool-downs (`delivery.cooldowns`): one delivery per
+   recipient for an alert, none for a repeat inside a window;
+2. closes windows that ended, each with repeats becoming one summary delivery per recipient;
+3. claims due deliveries with a lease, sends them, and marks them sent only after the
+   server accepted them. A worker killed mid-send leaves a lease that expires, and the
+   delivery is taken over: nothing is lost, at worst sent twice (same Message-ID).
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from webhook_server.delivery.cooldowns import Cooldowns
+from webhook_server.notify import targets
+from webhook_server.settings import Settings
+from webhook_server.store.records import Notification, event_from_row
+from webhook_server.store.sqlite import Store
+
+MAX_BACKOFF_SECONDS = 3600.0
+DISPATCH_BATCH = 500
+
+
+def backoff(settings: Settings, attempts: int) -> float:
+    """base, 2*base, 4*base ... capped at an hour, with ±20% jitter."""
+    delay = min(settings.retry_base_seconds * 2 ** max(attempts - 1, 0), MAX_BACKOFF_SECONDS)
+    return float(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter, not cryptography
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    delivery_id: int
+    event_id: int
+    event: str
+    channel: str
+    recipient: str
+    tries: int
+    last_error: str
+
+
+class DeliveryQueue:
+    """Queue operations on the store; every method is one short transaction."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.cooldowns = Cooldowns(settings, self.add_deliveries)
+
+    # -- turning events into deliveries -------------------------------------------------
+
+    def dispatch(self) -> int:
+        """Apply cool-downs to new events and create their deliveries; returns events handled."""
+        conn = self.store.connection()
+        if conn.execute("SELECT 1 FROM events WHERE dispatched = 0 LIMIT 1").fetchone() is None:
+            return 0
+        with self.store.transaction() as conn:
+            rows = conn.execute(
+                "SELECT * FROM events WHERE dispatched = 0 ORDER BY id LIMIT ?", (DISPATCH_BATCH,)
+            ).fetchall()
+            for row in rows:
+                self.cooldowns.admit(conn, row)
+            conn.executemany("UPDATE events SET dispatched = 1 WHERE id = ?", [(row["id"],) for row in rows])
+        return len(rows)
+
+    def close_windows(self, now: float | None = None) -> int:
+        """Summaries for cool-down windows that have ended; returns windows closed."""
+        now = time.time() if now is None else now
+        conn = self.store.connection()
+        if conn.execute("SELECT 1 FROM cooldowns WHERE closes_at <= ? LIMIT 1", (now,)).fetchone() is None:
+            return 0
+        with self.store.transaction() as conn:
+            return self.cooldowns.close_ended(conn, now)
+
+    def add_deliveries(
+        self,
+        conn: sqlite3.Connection,
+        event_id: int,
+        kind: str,
+        recipients: tuple[str, ...] | None,
+        repeats: int = 0,
+        window_start: float | None = None,
+    ) -> None:
+        """One delivery per (channel, recipient) of an alert or a summary."""
+        now = time.time()
+        conn.executemany(
+            "INSERT INTO deliveries (event_id, kind, channel, recipient, repeats, window_start,"
+            " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (event_id, kind, channel, recipient, repeats, window_start, now, now)
+                for channel, recipient in targets(self.settings, recipients)
+            ],
+        )
+
+    # -- leases and outcomes ------------------------------------------------------------
+
+    def claim(self, limit: int, now: float | None = None) -> list[Notification]:
+        """Lease up to `limit` due deliveries. An expired lease is due again."""
+        now = time.time() if now is None else now
+        conn = self.store.connection()
+        due = conn.execute(
+            "SELECT 1 FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ? AND lease_until <= ? LIMIT 1",
+            (now, now),
+        ).fetchone()
+        if due is None:
+            return []
+        with self.store.transaction() as conn:
+            rows = conn.execute(
+                "UPDATE deliveries SET lease_until = ?, attempts = attempts + 1 WHERE id IN ("
+                " SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
+                " AND lease_until <= ? ORDER BY next_attempt_at, id LIMIT ?) RETURNING *",
+                (now + self.settings.delivery_lease_seconds, now, now, limit),
+            ).fetchall()
+            events = (
+                {
+                    r["id"]: event_from_row(r)
+                    for r in conn.execute(
+                        f"SELECT * FROM events WHERE id IN ({','.join('?' * len(rows))})",  # noqa: S608
+                        [row["event_id"] for row in rows],
+                    )
+                }
+                if rows
+                else {}
+            )
+        return [self._notification(row, events[row["event_id"]]) for row in rows]
+
+    @staticmethod
+    def _notification(row: sqlite3.Row, event: Any) -> Notification:
+        return Notification(
+            delivery_id=row["id"],
+            event=event,
+            kind=row["kind"],
+            channel=row["channel"],
+            recipient=row["recipient"],
+            repeats=row["repeats"],
+            window_start=row["window_start"],
+            attempt=row["attempts"],
+        )
+
+    def mark_sent(self, delivery_id: int) -> None:
+        with self.store.transaction() as conn:
+            conn.execute(
+                "UPDATE deliveries SET status = 'sent', sent_at = ?, lease_until = 0, last_error = NULL WHERE id = ?",
+                (time.time(), delivery_id),
+            )
+
+    def mark_failed(self, notification: Notification, error: str, permanent: bool) -> str:
+        """Schedule a retry, or make it a dead letter; returns the new status."""
+        attempts = notification.attempt
+        dead = permanent or attempts >= self.settings.retry_max_attempts
+        with self.store.transaction() as conn:
+            conn.execute(
+                "UPDATE deliveries SET status = ?, next_attempt_at = ?, lease_until = 0, last_error = ? WHERE id = ?",
+                (
+                    "dead" if dead else "pending",
+                    time.time() + (0 if dead else backoff(self.settings, attempts)),
+                    error[:500],
+                    notification.delivery_id,
+                ),
+            )
+        return "dead" if dead else "pending"
+
+    # -- dead letters -------------------------------------------------------------------
+
+    def dead_letters(self) -> list[DeadLetter]:
+        rows = (
+            self.store.connection()
+            .execute(
+                "SELECT d.id, d.event_id, e.event, d.channel, d.recipient, d.attempts, d.last_error"
+                " FROM deliveries d JOIN events e ON e.id = d.event_id WHERE d.status = 'dead' ORDER BY d.id"
+            )
+            .fetchall()
+        )
+        return [DeadLetter(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or "") for r in rows]
+
+    def replay(self, delivery_ids: list[int] | None = None) -> int:
+        """Put dead letters back in the queue, as new; None means all. Returns how many."""
+        now = time.time()
+        with self.store.transaction() as conn:
+            if delivery_ids is None:
+                cursor = conn.execute(
+                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?,"
+                    " lease_until = 0 WHERE status = 'dead'",
+                    (now,),
+                )
+            else:
+                cursor = conn.executemany(
+                    "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = ?,"
+                    " lease_until = 0 WHERE status = 'dead' AND id = ?",
+                    [(now, i) for i in delivery_ids],
+                )
+            return cursor.rowcount

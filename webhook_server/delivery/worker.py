@@ -1,0 +1,129 @@
+"""The delivery worker: dispatch, close windows, send what is due, record each outcome."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from webhook_server.delivery.cooldowns import epoch
+from webhook_server.delivery.queue import DeliveryQueue
+from webhook_server.notify import DeliveryError, Notifier, PermanentFailure, notifiers
+from webhook_server.ops.metrics import record_delivery
+from webhook_server.settings import Settings
+from webhook_server.store.counters import SQLiteStorage, storage_uri
+from webhook_server.store.records import Notification
+from webhook_server.store.sqlite import Store
+
+log = logging.getLogger(__name__)
+
+SEND_CONCURRENCY = 4
+HOUSEKEEPING_SECONDS = 60.0
+
+
+def recipient_domain(recipient: str) -> str:
+    """What the log may say of a recipient: its domain only (an address is personal data)."""
+    return "@" + recipient.rpartition("@")[2] if "@" in recipient else recipient
+
+
+def log_sent(notification: Notification, since_receipt: float) -> None:
+    """One info line per sent delivery, so `logs worker` shows that mail went out."""
+    n = notification
+    where = "written to the log" if n.channel == "log" else f"sent by {n.channel} to {recipient_domain(n.recipient)}"
+    log.info(
+        "%s %s for event %s %s (try %s, %.2f s after receipt)",
+        n.kind,
+        n.delivery_id,
+        n.event.id,
+        where,
+        n.attempt,
+        since_receipt,
+        extra={
+            "delivery_id": n.delivery_id,
+            "event_id": n.event.id,
+            "channel": n.channel,
+            "recipient_domain": recipient_domain(n.recipient),
+            "tries": n.attempt,
+            "latency_ms": round(since_receipt * 1000, 1),
+        },
+    )
+
+
+class Worker:
+    """Runs the queue: dispatch, close windows, send what is due. Synchronous `run_once` for tests."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store or Store(settings.database_path)
+        self.queue = DeliveryQueue(self.store, settings)
+        self.notifiers: dict[str, Notifier] = notifiers(settings)
+        self._pool = ThreadPoolExecutor(SEND_CONCURRENCY, thread_name_prefix="deliver")
+
+    def run_once(self) -> int:
+        """One pass; returns how many events, windows and deliveries it handled."""
+        handled = self.queue.dispatch() + self.queue.close_windows()
+        batch = self.queue.claim(SEND_CONCURRENCY)
+        handled += len(list(self._pool.map(self.deliver, batch)))
+        return handled
+
+    def deliver(self, notification: Notification) -> str:
+        """Send one delivery and record the outcome: sent, pending (retry) or dead."""
+        notifier = self.notifiers[notification.channel]
+        try:
+            notifier.send(notification)
+        except DeliveryError as exc:
+            status = self.queue.mark_failed(
+                notification, f"{type(exc).__name__}: {exc}", isinstance(exc, PermanentFailure)
+            )
+            record_delivery(notification.channel, "retry" if status == "pending" else "dead")
+            log.warning(
+                "delivery %s to %s failed (try %s): %s; now %s",
+                notification.delivery_id,
+                notification.channel,
+                notification.attempt,
+                exc,
+                status,
+            )
+            return status
+        except Exception as exc:  # a notifier bug must not kill the worker; retry like a glitch
+            log.exception("delivery %s: unexpected error", notification.delivery_id)
+            status = self.queue.mark_failed(notification, f"{type(exc).__name__}: {exc}", False)
+            record_delivery(notification.channel, "retry" if status == "pending" else "dead")
+            return status
+        self.queue.mark_sent(notification.delivery_id)
+        since_receipt = time.time() - epoch(notification.event.received_at)
+        # A summary's event was received up to a whole window earlier: only alerts time the pipeline.
+        record_delivery(notification.channel, "sent", since_receipt if notification.kind == "alert" else None)
+        log_sent(notification, since_receipt)
+        return "sent"
+
+    def housekeeping(self) -> None:
+        """Drop rate-limit windows that ended, so the counters file stays small."""
+        if self.settings.redis_url:
+            return  # Redis expires its own keys
+        storage = SQLiteStorage(storage_uri(self.settings.database_path, None))
+        removed = storage.purge_expired()
+        if removed:
+            log.debug("purged %s expired rate-limit counters", removed)
+
+    def run(self, stop: threading.Event) -> None:
+        """Loop until `stop` is set; a store error is logged and retried, never fatal."""
+        log.info("delivery worker started (poll every %ss)", self.settings.worker_poll_seconds)
+        next_housekeeping = 0.0
+        while not stop.is_set():
+            try:
+                busy = self.run_once()
+                # The web processes leave WAL checkpoints to us (see store.Checkpointer).
+                self.store.checkpointer.maybe(self.store.connection())
+                if time.monotonic() >= next_housekeeping:
+                    self.housekeeping()
+                    next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+            except sqlite3.Error as exc:
+                log.error("store error in worker: %s", exc)
+                busy = 0
+            if not busy:
+                stop.wait(self.settings.worker_poll_seconds)
+        self._pool.shutdown(wait=True)
+        log.info("delivery worker stopped")

@@ -1,0 +1,157 @@
+"""The durable embedded store: SQLite in WAL mode under DATA_DIR.
+
+Events, deliveries, alert cool-downs and rate-limit counters live in one database, so accepting
+an event and everything the worker later decides about it are transactions in one place. Each
+thread gets its own connection (SQLite connections must not be shared across threads), and a
+forked process opens fresh ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from webhook_server.store.group import Checkpointer, GroupWriter, write_retrying
+from webhook_server.store.records import StoredEvent, event_from_row, utc_now_iso
+from webhook_server.store.schema import SCHEMA
+
+
+def make_private_dir(path: Path) -> None:
+    """Create `path` (and missing parents) readable by this user only; an existing one is left."""
+    for directory in reversed([path, *path.parents]):
+        if not directory.exists():
+            directory.mkdir(mode=0o700, exist_ok=True)
+
+
+def make_private(path: Path) -> None:
+    """Create the database's directory (0700) and file (0600) when missing: they hold every
+    payload. SQLite gives its -wal and -shm files the database file's mode."""
+    make_private_dir(path.parent)
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def connect(path: Path, busy_timeout_ms: int, write_lock: threading.Lock) -> sqlite3.Connection:
+    """A connection to the store's file with its settings; `write_lock` is the caller's own."""
+    make_private(path)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
+    conn.row_factory = sqlite3.Row
+    # Two workers may open a new database at once: switching it to WAL needs the lock.
+    write_retrying(write_lock, lambda: conn.execute("PRAGMA journal_mode=WAL").fetchall())
+    # NORMAL in WAL mode survives a process crash (kill -9); only an OS crash or power loss
+    # can drop the last transactions. FULL halved ingest throughput here.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # see group.Checkpointer
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def create_schema(conn: sqlite3.Connection, write_lock: threading.Lock) -> None:
+    write_retrying(write_lock, lambda: conn.executescript(SCHEMA))
+
+
+class Store:
+    """Connections to one SQLite database, one per thread and process."""
+
+    def __init__(self, path: Path, busy_timeout_ms: int = 5000, checkpoint_after: int = 0) -> None:
+        """`checkpoint_after`: commits between this process's WAL checkpoints (see Checkpointer)."""
+        self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self.checkpointer = Checkpointer(min_commits=checkpoint_after)
+        self.writer = GroupWriter(self.connection, self.checkpointer)
+        create_schema(self.connection(), self._write_lock)
+
+    def connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():  # none, or the parent's
+            conn = connect(self.path, self.busy_timeout_ms, self._write_lock)
+            self._local.conn = conn
+            self._local.pid = os.getpid()
+        return conn
+
+    @contextmanager
+    def transaction(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction: BEGIN IMMEDIATE takes the write lock up front, so no deadlock."""
+        conn = self.connection()
+        conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def insert_event(
+        self,
+        source: str,
+        dedupe_key: str | None,
+        event: str,
+        device: str,
+        client_ip: str | None,
+        payload: Any,
+        before: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> tuple[str, bool]:
+        """Store an event durably; return (id, created). A known dedupe key returns the first id.
+
+        `before` runs first in the same transaction (the rate-limit count); what it raises
+        is raised here, and the event is not stored.
+        """
+        row = (source, dedupe_key, utc_now_iso(), event, device, client_ip, json.dumps(payload, ensure_ascii=False))
+
+        def insert(conn: sqlite3.Connection) -> tuple[str, bool]:
+            if before is not None:
+                before(conn)
+            inserted = conn.execute(
+                "INSERT INTO events (source, dedupe_key, received_at, event, device, client_ip, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                row,
+            ).fetchall()
+            if inserted:
+                return str(inserted[0][0]), True
+            existing = conn.execute(
+                "SELECT id FROM events WHERE source = ? AND dedupe_key = ?", (source, dedupe_key)
+            ).fetchone()
+            return str(existing[0]), False
+
+        # Committed (with whatever other threads of this process wrote meanwhile) on return.
+        return self.writer.run(insert)
+
+    def get_event(self, event_id: int | str) -> StoredEvent | None:
+        row = self.connection().execute("SELECT * FROM events WHERE id = ?", (int(event_id),)).fetchone()
+        return event_from_row(row) if row else None
+
+    def counts(self) -> dict[str, int]:
+        """Events accepted so far, deliveries waiting, and dead letters."""
+        row = (
+            self.connection()
+            .execute(
+                "SELECT (SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'events'),"
+                " (SELECT COUNT(*) FROM deliveries WHERE status = 'pending'),"
+                " (SELECT COUNT(*) FROM deliveries WHERE status = 'dead')"
+            )
+            .fetchone()
+        )
+        return {"events_accepted": row[0], "deliveries_pending": row[1], "dead_letters": row[2]}
+
+    def ping(self) -> bool:
+        """True when the database answers a read."""
+        try:
+            self.connection().execute("SELECT 1").fetchone()
+        except sqlite3.Error:
+            return False
+        return True
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
