@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from webhook_server.ops.logs import BatchingStreamHandler, GunicornNoAccessLogger, JsonFormatter
+from webhook_server.ops.gunicorn_logging import GunicornNoAccessLogger
+from webhook_server.ops.logs import BatchingStreamHandler, JsonFormatter
 
 
 @pytest.fixture

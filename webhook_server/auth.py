@@ -6,8 +6,9 @@ security entry, and where its sender puts a delivery id and a timestamp. Adding 
 adding an entry here.
 
 Every verifier takes the source's keys, the request headers and the raw body, and raises
-`BadCredentials` (one message for every failure, so a caller learns nothing about which part
-was wrong; its `reason` goes to the server's log). Each accepts any of the source's secrets,
+`Refused` with a reason for the server's log; the web side answers every refusal with the same
+401, so a caller learns nothing about which part was wrong. Nothing here needs the web
+framework: the delivery worker reads the registry too. Each accepts any of the source's secrets,
 so secrets can be rotated.
 """
 
@@ -19,18 +20,32 @@ import hashlib
 import hmac
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from standardwebhooks.webhooks import Webhook
-from werkzeug.datastructures import Headers as WerkzeugHeaders
 
-from webhook_server.errors import BadCredentials
 
-# A request's headers (werkzeug's, case-insensitive) or a plain mapping, as tests may pass.
-Headers = Mapping[str, str] | WerkzeugHeaders
+class Headers(Protocol):
+    """A request's headers: werkzeug's (case-insensitive), or a plain mapping as tests pass."""
+
+    @overload
+    def get(self, key: str) -> str | None: ...
+
+    @overload
+    def get(self, key: str, default: str) -> str: ...
+
+    def __getitem__(self, key: str) -> str: ...
+
+
+class Refused(Exception):
+    """The credentials are missing or wrong; `reason` says which part, for the log only."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Keys(Protocol):
@@ -76,7 +91,7 @@ def _digest(algorithm: str, key: bytes, message: bytes) -> bytes:
 def _require(condition: bool, reason: str) -> None:
     """Refuse with `reason` (for the server's log; the response never says which check failed)."""
     if not condition:
-        raise BadCredentials(reason)
+        raise Refused(reason)
 
 
 def _authorization(headers: Headers, kind: str) -> str:
@@ -99,7 +114,7 @@ def verify_basic(source: Keys, headers: Headers, body: bytes) -> None:
     try:
         decoded = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        raise BadCredentials("the Basic credentials are not base64") from None
+        raise Refused("the Basic credentials are not base64") from None
     _require(_any_equal([decoded], [s.encode() for s in source.secrets]), "wrong user or password")
 
 
@@ -353,7 +368,7 @@ SCHEMES: dict[str, Scheme] = {
 
 
 def authenticate(source: Keys, headers: Headers, body: bytes) -> None:
-    """Raise `BadCredentials` unless the request carries a valid credential for `source`."""
+    """Raise `Refused` unless the request carries a valid credential for `source`."""
     SCHEMES[source.scheme].verify(source, headers, body)
 
 

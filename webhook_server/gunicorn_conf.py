@@ -35,14 +35,14 @@ graceful_timeout = 20
 keepalive = 15
 # Our own JSON logs record every request; Gunicorn's access log would repeat them.
 accesslog = None
-logger_class = "webhook_server.ops.logs.GunicornNoAccessLogger"
+logger_class = "webhook_server.ops.gunicorn_logging.GunicornNoAccessLogger"
 errorlog = "-"
 # Gunicorn's own messages in the same one-JSON-object-per-line form as the app's.
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"json": {"()": "webhook_server.ops.logs.JsonFormatter"}},
-    "filters": {"listening": {"()": "webhook_server.ops.logs.WithoutEmptyListeningLine"}},
+    "filters": {"listening": {"()": "webhook_server.ops.gunicorn_logging.WithoutEmptyListeningLine"}},
     "handlers": {
         "stdout": {
             "class": "logging.StreamHandler",

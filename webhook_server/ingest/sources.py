@@ -22,7 +22,7 @@ from jsonschema.exceptions import SchemaError, ValidationError
 
 from webhook_server import values
 from webhook_server.auth import SCHEMES
-from webhook_server.ingest.validate import compile_schema, packaged_schema, packaged_validator
+from webhook_server.ingest.validators import compile_schema, packaged_schema, packaged_validator
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 RESERVED_NAMES = frozenset({"particle", "generic"})

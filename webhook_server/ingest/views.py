@@ -13,8 +13,8 @@ from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Rule
 
-from webhook_server.auth import authenticate
-from webhook_server.errors import AddressNotAllowed, StoreUnavailable
+from webhook_server.auth import Refused, authenticate
+from webhook_server.errors import AddressNotAllowed, BadCredentials, StoreUnavailable
 from webhook_server.ingest.body import parse_payload, read_body
 from webhook_server.ingest.events import describe
 from webhook_server.ingest.ratelimit import get_rate_limits
@@ -57,6 +57,14 @@ def resolve_source(name: str) -> Source:
     return source
 
 
+def authenticated(source: Source, body: bytes) -> None:
+    """401 unless the request proves it comes from `source` (why not goes to the log only)."""
+    try:
+        authenticate(source, request.headers, body)
+    except Refused as exc:
+        raise BadCredentials(exc.reason) from None
+
+
 # `/webhook` has an endpoint of its own: were it `receive` with a default name, Werkzeug would
 # answer /webhook/generic with a 308 redirect to /webhook instead of 404.
 @bp.route("/webhook", methods=ALL_METHODS, defaults={"name": "generic"}, endpoint="receive_generic")
@@ -66,7 +74,7 @@ def receive(name: str) -> tuple[Response, int]:
     hit = get_rate_limits().check(source, request.remote_addr or "-")
     try:
         body = read_body(request, source.max_payload_bytes or settings().max_payload_bytes)
-        authenticate(source, request.headers, body)
+        authenticated(source, body)
         payload = parse_payload(request.headers, body, particle=source.parser == "particle")
         validate(source.validator, payload, particle=source.parser == "particle")
         event, device, dedupe_key = describe(source, request.headers, payload)

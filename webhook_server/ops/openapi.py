@@ -17,7 +17,7 @@ from flask import Blueprint, Response, jsonify
 from webhook_server import __version__
 from webhook_server.auth import SCHEMES
 from webhook_server.errors import STATUSES, WEBHOOK_REFUSALS
-from webhook_server.ingest.validate import packaged_schema
+from webhook_server.ingest.validators import packaged_schema
 
 bp = Blueprint("openapi", __name__)
 

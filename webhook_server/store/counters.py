@@ -18,7 +18,7 @@ from urllib.parse import quote, unquote, urlparse
 from limits.storage import Storage
 
 from webhook_server.store.group import GroupWriter, write_retrying
-from webhook_server.store.sqlite import connect, create_schema
+from webhook_server.store.sqlite import answers, connect, create_schema
 
 
 def increment(conn: sqlite3.Connection, key: str, expiry: float, amount: int = 1) -> tuple[int, float]:
@@ -84,11 +84,7 @@ class SQLiteStorage(Storage):
         return float(row[0]) if row else time.time()
 
     def check(self) -> bool:
-        try:
-            self._connection().execute("SELECT 1").fetchone()
-        except sqlite3.Error:
-            return False
-        return True
+        return answers(self._connection)
 
     def reset(self) -> int | None:
         cursor = self._connection().execute("DELETE FROM counters")

@@ -53,6 +53,15 @@ def connect(path: Path, busy_timeout_ms: int, write_lock: threading.Lock) -> sql
     return conn
 
 
+def answers(connection: Callable[[], sqlite3.Connection]) -> bool:
+    """True when the database behind `connection` answers a read."""
+    try:
+        connection().execute("SELECT 1").fetchone()
+    except sqlite3.Error:
+        return False
+    return True
+
+
 def create_schema(conn: sqlite3.Connection, write_lock: threading.Lock) -> None:
     write_retrying(write_lock, lambda: conn.executescript(SCHEMA))
 
@@ -144,11 +153,7 @@ class Store:
 
     def ping(self) -> bool:
         """True when the database answers a read."""
-        try:
-            self.connection().execute("SELECT 1").fetchone()
-        except sqlite3.Error:
-            return False
-        return True
+        return answers(self.connection)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
