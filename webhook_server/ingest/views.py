@@ -7,6 +7,7 @@ without credentials learns nothing about what the body should look like.
 from __future__ import annotations
 
 import sqlite3
+from typing import Protocol
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from flask.blueprints import BlueprintSetupState
@@ -20,7 +21,6 @@ from webhook_server.ingest.events import describe
 from webhook_server.ingest.ratelimit import get_rate_limits
 from webhook_server.ingest.sources import Source
 from webhook_server.ingest.validate import validate
-from webhook_server.settings import Settings
 from webhook_server.store.extension import get_store
 
 bp = Blueprint("webhooks", __name__)
@@ -38,8 +38,18 @@ def _any_method(state: BlueprintSetupState) -> None:
     state.app.url_map.add(Rule("/webhook/<name>", endpoint="webhooks.receive"))
 
 
-def settings() -> Settings:
-    value: Settings = current_app.config["SETTINGS"]
+class IngestSettings(Protocol):
+    """What the way in needs of the settings (`webhook_server.settings.Settings` has it)."""
+
+    @property
+    def sources(self) -> dict[str, Source]: ...
+
+    @property
+    def max_payload_bytes(self) -> int: ...
+
+
+def settings() -> IngestSettings:
+    value: IngestSettings = current_app.config["SETTINGS"]
     return value
 
 
