@@ -374,5 +374,7 @@ def authenticate(source: Keys, headers: Headers, body: bytes) -> None:
 
 def bearer_token(headers: Headers) -> str | None:
     """The token of `Authorization: Bearer <token>`, or None (for /metrics)."""
-    scheme, _, credentials = headers.get("Authorization", "").partition(" ")
-    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
+    try:
+        return _authorization(headers, "bearer")
+    except Refused:
+        return None
