@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -126,3 +129,24 @@ def test_a_free_port_after_a_server_stopped_can_be_used_again(tmp_path: Path) ->
         with Server(env_for(work, PARTICLE_SECRET), work, port=port) as server:
             # A connection leaves TIME_WAIT behind: that must not count as "in use".
             assert requests.get(server.url + "/health", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_group_stops_everything_at_once(tmp_path: Path, signum: int) -> None:
+    """Ctrl-C in a terminal reaches every process of `serve` and, forwarded, the children again:
+    the delivery worker once deadlocked on the second one and held the stop for 30 s."""
+    server = Server(env_for(tmp_path, PARTICLE_SECRET), tmp_path).start()
+    assert server.process is not None
+    started = time.monotonic()
+    os.killpg(server.process.pid, signum)
+    server.process.wait(timeout=25)
+    took = time.monotonic() - started
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.process.pid, 0)
+        pytest.fail("a process of the group outlived the stop")
+    server.process = None
+    server.log.close()
+    output = server.output()
+    assert took < 8, f"stopping took {took:.1f} s"
+    assert "delivery worker stopped" in output
+    assert "Traceback" not in output

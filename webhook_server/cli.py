@@ -7,16 +7,14 @@ import os
 import secrets
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
 
 from webhook_server.delivery.queue import DeliveryQueue
-from webhook_server.delivery.worker import Worker
+from webhook_server.delivery.worker import SignalStop, Worker
 from webhook_server.ingest.send import send_test_event
 from webhook_server.ops import supervisor
 from webhook_server.ops.logs import configure_logging
@@ -93,13 +91,9 @@ def worker() -> None:
     settings = load_or_exit()
     metrics_environment(settings)
     configure_logging(settings.log_level)
-    stop = threading.Event()
-
-    def _stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = SignalStop()
+    signal.signal(signal.SIGTERM, stop.set)
+    signal.signal(signal.SIGINT, stop.set)
     Worker(settings).run(stop)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,11 +48,15 @@ class DeadLetter:
 
 
 class DeliveryQueue:
-    """Queue operations on the store; every method is one short transaction."""
+    """Queue operations on the store; every method is one short transaction.
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    `clock` is where every method reads the time (seconds since the epoch); tests pass a fake one.
+    """
+
+    def __init__(self, store: Store, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.settings = settings
+        self.clock = clock
         self.cooldowns = Cooldowns(settings, self.add_deliveries)
 
     # -- turning events into deliveries -------------------------------------------------
@@ -72,7 +77,7 @@ class DeliveryQueue:
 
     def close_windows(self, now: float | None = None) -> int:
         """Summaries for cool-down windows that have ended; returns windows closed."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         conn = self.store.connection()
         if conn.execute("SELECT 1 FROM cooldowns WHERE closes_at <= ? LIMIT 1", (now,)).fetchone() is None:
             return 0
@@ -89,7 +94,7 @@ class DeliveryQueue:
         window_start: float | None = None,
     ) -> None:
         """One delivery per (channel, recipient) of an alert or a summary."""
-        now = time.time()
+        now = self.clock()
         conn.executemany(
             "INSERT INTO deliveries (event_id, kind, channel, recipient, repeats, window_start,"
             " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -103,7 +108,7 @@ class DeliveryQueue:
 
     def claim(self, limit: int, now: float | None = None) -> list[Notification]:
         """Lease up to `limit` due deliveries. An expired lease is due again."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         conn = self.store.connection()
         due = conn.execute(
             "SELECT 1 FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ? AND lease_until <= ? LIMIT 1",
@@ -148,7 +153,7 @@ class DeliveryQueue:
         with self.store.transaction() as conn:
             conn.execute(
                 "UPDATE deliveries SET status = 'sent', sent_at = ?, lease_until = 0, last_error = NULL WHERE id = ?",
-                (time.time(), delivery_id),
+                (self.clock(), delivery_id),
             )
 
     def mark_failed(self, notification: Notification, error: str, permanent: bool) -> str:
@@ -160,7 +165,7 @@ class DeliveryQueue:
                 "UPDATE deliveries SET status = ?, next_attempt_at = ?, lease_until = 0, last_error = ? WHERE id = ?",
                 (
                     "dead" if dead else "pending",
-                    time.time() + (0 if dead else backoff(self.settings, attempts)),
+                    self.clock() + (0 if dead else backoff(self.settings, attempts)),
                     error[:500],
                     notification.delivery_id,
                 ),
@@ -182,7 +187,7 @@ class DeliveryQueue:
 
     def replay(self, delivery_ids: list[int] | None = None) -> int:
         """Put dead letters back in the queue, as new; None means all. Returns how many."""
-        now = time.time()
+        now = self.clock()
         with self.store.transaction() as conn:
             if delivery_ids is None:
                 cursor = conn.execute(

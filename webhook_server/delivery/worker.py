@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import select
 import sqlite3
-import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from typing import Protocol
 
 from webhook_server.delivery.cooldowns import epoch
 from webhook_server.delivery.queue import DeliveryQueue
@@ -51,13 +55,51 @@ def log_sent(notification: Notification, since_receipt: float) -> None:
     )
 
 
-class Worker:
-    """Runs the queue: dispatch, close windows, send what is due. Synchronous `run_once` for tests."""
+class Stopper(Protocol):
+    def is_set(self) -> bool: ...
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class SignalStop:
+    """A stop request that a signal handler may make: no lock is taken.
+
+    `threading.Event.set` takes a lock that is not reentrant; a second signal arriving while a
+    first handler held it (Ctrl-C reaches the worker from the terminal and again from the
+    supervisor) deadlocked the worker for good.
+    """
+
+    def __init__(self) -> None:
+        self._stopping = False
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+
+    def set(self, *_: object) -> None:
+        """Usable as a signal handler."""
+        self._stopping = True
+        with suppress(BlockingIOError):  # the pipe is full: a wake-up is already waiting
+            os.write(self._write, b"x")
+
+    def is_set(self) -> bool:
+        return self._stopping
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._stopping:
+            select.select([self._read], [], [], timeout)
+        return self._stopping
+
+
+class Worker:
+    """Runs the queue: dispatch, close windows, send what is due. Synchronous `run_once` for tests.
+
+    `clock` (seconds since the epoch) is the queue's clock too; tests pass a fake one.
+    """
+
+    def __init__(self, settings: Settings, store: Store | None = None, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store or Store(settings.database_path)
-        self.queue = DeliveryQueue(self.store, settings)
+        self.clock = clock
+        self.queue = DeliveryQueue(self.store, settings, clock)
         self.notifiers: dict[str, Notifier] = notifiers(settings)
         self._pool = ThreadPoolExecutor(SEND_CONCURRENCY, thread_name_prefix="deliver")
 
@@ -93,7 +135,7 @@ class Worker:
             record_delivery(notification.channel, "retry" if status == "pending" else "dead")
             return status
         self.queue.mark_sent(notification.delivery_id)
-        since_receipt = time.time() - epoch(notification.event.received_at)
+        since_receipt = self.clock() - epoch(notification.event.received_at)
         # A summary's event was received up to a whole window earlier: only alerts time the pipeline.
         record_delivery(notification.channel, "sent", since_receipt if notification.kind == "alert" else None)
         log_sent(notification, since_receipt)
@@ -108,7 +150,7 @@ class Worker:
         if removed:
             log.debug("purged %s expired rate-limit counters", removed)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: Stopper) -> None:
         """Loop until `stop` is set; a store error is logged and retried, never fatal."""
         log.info("delivery worker started (poll every %ss)", self.settings.worker_poll_seconds)
         next_housekeeping = 0.0

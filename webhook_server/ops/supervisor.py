@@ -52,7 +52,12 @@ class Supervisor:
         self.stopping = True
         if worker.poll() is None:
             worker.terminate()
-        worker.wait(timeout=30)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # it had its chance to finish the delivery it was sending
+            say("worker did not stop within 30 s; killing it")
+            worker.kill()
+            worker.wait()
         return web.returncode or 0
 
 
