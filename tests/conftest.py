@@ -1,4 +1,5 @@
-"""Shared fixtures: apps with custom settings, a test client, and signing helpers."""
+"""Shared fixtures: apps with custom settings, a test client, signing helpers and the response
+assertions (`assert_accepted`, `assert_error`, `assert_unauthorized`) every test module uses."""
 
 from __future__ import annotations
 
@@ -75,6 +76,63 @@ def particle_event(**fields: Any) -> dict[str, Any]:
     }
     event.update(fields)
     return {k: v for k, v in event.items() if v is not ...}
+
+
+UNAUTHORIZED_BODY = {"error": "unauthorized", "message": "Missing or invalid credentials."}
+
+
+def _response_parts(response: Any) -> tuple[int, str, Any, str]:
+    """Status, media type, JSON body and text of a Flask test response or a `requests` response."""
+    if hasattr(response, "get_json"):  # werkzeug.test.TestResponse
+        text = response.get_data(as_text=True)
+        mimetype = response.mimetype
+        body = response.get_json(silent=True)
+    else:  # requests.Response
+        text = response.text
+        mimetype = response.headers.get("Content-Type", "").partition(";")[0].strip()
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+    return int(response.status_code), str(mimetype), body, str(text)
+
+
+def assert_accepted(response: Any) -> str:
+    """A 202 with exactly {"status": "accepted", "id": "<digits>"}; returns the id."""
+    status, mimetype, body, text = _response_parts(response)
+    assert status == 202, text
+    assert mimetype == "application/json", mimetype
+    assert isinstance(body, dict) and set(body) == {"status", "id"}, body
+    assert body["status"] == "accepted", body
+    assert isinstance(body["id"], str) and body["id"].isdigit() and int(body["id"]) > 0, body
+    return body["id"]
+
+
+def assert_error(response: Any, status: int, error: str | None = None) -> dict[str, Any]:
+    """The one error shape: JSON {"error", "message"} (+ "fields" for 422), and nothing else.
+    `error`, when given, is the exact machine-readable code. Returns the body."""
+    actual, mimetype, body, text = _response_parts(response)
+    assert actual == status, text
+    assert mimetype == "application/json", mimetype
+    assert isinstance(body, dict), text
+    expected = {"error", "message"} | ({"fields"} if status == 422 else set())
+    assert set(body) == expected, body
+    assert isinstance(body["error"], str) and body["error"], body
+    assert isinstance(body["message"], str) and body["message"], body
+    if error is not None:
+        assert body["error"] == error, body
+    if status == 422:
+        assert isinstance(body["fields"], list) and body["fields"], body
+        assert all(isinstance(f, str) and (f == "" or f.startswith("/")) for f in body["fields"]), body
+    return dict(body)
+
+
+def assert_unauthorized(response: Any) -> bytes:
+    """401 with the one body whatever part failed, and a `WWW-Authenticate` challenge; returns the raw body."""
+    assert assert_error(response, 401, "unauthorized") == UNAUTHORIZED_BODY
+    assert response.headers.get("WWW-Authenticate")
+    raw = response.get_data() if hasattr(response, "get_data") else response.content
+    return bytes(raw)
 
 
 def bearer(secret: str = PARTICLE_SECRET) -> dict[str, str]:

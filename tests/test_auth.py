@@ -26,28 +26,22 @@ from standardwebhooks.webhooks import Webhook
 from werkzeug.datastructures import Headers
 from werkzeug.test import TestResponse
 
-from tests.conftest import PARTICLE_SECRET, WEBHOOK_SECRET, bearer, hub_signature, particle_event, signed_headers
+from tests.conftest import (
+    PARTICLE_SECRET,
+    WEBHOOK_SECRET,
+    assert_accepted,
+    assert_unauthorized,
+    bearer,
+    hub_signature,
+    particle_event,
+    signed_headers,
+)
 from webhook_server.auth import sign_hub
 from webhook_server.ingest.send import build_request
 from webhook_server.ingest.sources import Source
 
 GITHUB_TEST_BODY = b"Hello, World!"
 GITHUB_TEST_SIGNATURE = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
-
-
-def assert_unauthorized(response: TestResponse) -> bytes:
-    assert response.status_code == 401, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    assert response.get_json() == {"error": "unauthorized", "message": "Missing or invalid credentials."}
-    assert response.headers.get("WWW-Authenticate")
-    return response.get_data()
-
-
-def assert_accepted(response: TestResponse) -> str:
-    assert response.status_code == 202, response.get_data(as_text=True)
-    body = response.get_json()
-    assert body["status"] == "accepted" and body["id"].isdigit()
-    return str(body["id"])
 
 
 # --------------------------------------------------------------------------- Particle (bearer)

@@ -1,29 +1,58 @@
-"""The delivery queue and worker, run synchronously (`Worker.run_once`) against a real SMTP sink."""
+"""The delivery queue and worker, run synchronously (`Worker.run_once`) against a real SMTP sink.
+
+The worker and its queue read the time from a `FakeClock` the tests move: no test sleeps for a
+retry, a lease or a cool-down window to pass."""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import base_settings, bearer, particle_event
+from tests.conftest import assert_accepted, base_settings, bearer, particle_event
 from tests.smtpsink import SmtpSink
 from webhook_server import create_app
 from webhook_server.cli import main
 from webhook_server.delivery.queue import DeliveryQueue, backoff
 from webhook_server.delivery.worker import Worker
 from webhook_server.settings import load_settings
+from webhook_server.store import sqlite as sqlite_store
 from webhook_server.store.sqlite import Store
 
 
 def text_of(message: Any) -> str:
     part = message.get_body(("plain",)) or message
     return str(part.get_content())
+
+
+class FakeClock:
+    """Seconds since the epoch that only move when a test says so. It starts a second ahead of
+    the real time, so the receipt times the app gives events (real time) are in its past."""
+
+    def __init__(self) -> None:
+        self.now = time.time() + 1.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_the_fake_clock_stands_still_until_moved() -> None:
+    clock = FakeClock()
+    start = clock()
+    assert start > time.time()
+    assert clock() == start
+    clock.advance(2.5)
+    assert clock() == start + 2.5
 
 
 @pytest.fixture
@@ -40,21 +69,24 @@ class Harness:
         self.settings = load_settings(self.env)
         self.app = create_app(self.env)
         self.client = self.app.test_client()
-        self.worker = Worker(self.settings, Store(self.settings.database_path))
+        self.clock = FakeClock()
+        self.worker = Worker(self.settings, Store(self.settings.database_path), clock=self.clock)
         self.queue: DeliveryQueue = self.worker.queue
         self.published = 0
 
     def post(self, **fields: Any) -> str:
         self.published += 1
         fields.setdefault("published_at", f"2026-11-23T18:02:{self.published % 60:02d}.{self.published:03d}Z")
-        response = self.client.post("/webhook/particle", data=particle_event(**fields), headers=bearer())
-        assert response.status_code == 202, response.json
-        return str(response.json["id"])
+        return assert_accepted(self.client.post("/webhook/particle", data=particle_event(**fields), headers=bearer()))
 
     def drain(self, passes: int = 20) -> None:
         for _ in range(passes):
             if not self.worker.run_once():
                 return
+
+    def next_attempts(self) -> list[float]:
+        rows = self.worker.store.connection().execute("SELECT next_attempt_at FROM deliveries ORDER BY id")
+        return [float(r[0]) for r in rows.fetchall()]
 
     def statuses(self) -> list[tuple[str, str, int]]:
         rows = (
@@ -65,8 +97,18 @@ class Harness:
         return [(r[0], r[1], r[2]) for r in rows]
 
 
+def stamp_receipts_with(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store stamps events' receipt times from `clock` too, so cool-down windows (which run
+    from receipt times) and the worker's clock agree."""
+
+    def utc_now_iso() -> str:
+        return datetime.fromtimestamp(clock(), UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+    monkeypatch.setattr(sqlite_store, "utc_now_iso", utc_now_iso)
+
+
 @pytest.fixture
-def harness(tmp_path: Path, sink: SmtpSink) -> Callable[..., Harness]:
+def harness(tmp_path: Path, sink: SmtpSink, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Harness]:
     def make(**overrides: Any) -> Harness:
         smtp = {
             "SMTP_HOST": "127.0.0.1",
@@ -79,7 +121,9 @@ def harness(tmp_path: Path, sink: SmtpSink) -> Callable[..., Harness]:
             "SMTP_TIMEOUT": 2,
         }
         smtp.update(overrides)
-        return Harness(tmp_path, **smtp)
+        h = Harness(tmp_path, **smtp)
+        stamp_receipts_with(h.clock, monkeypatch)
+        return h
 
     return make
 
@@ -104,6 +148,7 @@ def test_each_sent_delivery_is_logged_with_the_domain_only(
 ) -> None:
     h = harness()
     event_id = h.post(event="door-open")
+    h.clock.advance(1.5)
     with caplog.at_level(logging.INFO, logger="webhook_server.delivery.worker"):
         h.drain()
     sent = [r for r in caplog.records if r.name == "webhook_server.delivery.worker" and "sent by" in r.getMessage()]
@@ -112,7 +157,7 @@ def test_each_sent_delivery_is_logged_with_the_domain_only(
     assert {(r.channel, r.recipient_domain) for r in sent} == {("email", "@example.com"), ("sms", "@vtext.com")}  # type: ignore[attr-defined]
     for record in sent:
         assert record.event_id == event_id and record.tries == 1  # type: ignore[attr-defined]
-        assert 0 <= record.latency_ms < 60_000  # type: ignore[attr-defined]
+        assert record.latency_ms == 1500.0  # type: ignore[attr-defined]  # receipt to sent, on the worker's clock
         # The whole address is personal data: only its domain is logged.
         assert "owner@" not in record.getMessage() and "5551234567" not in record.getMessage()
 
@@ -126,22 +171,28 @@ def test_sending_never_happens_on_the_request_path(harness: Callable[..., Harnes
 
 
 def test_repeats_inside_the_cooldown_fold_into_one_summary(harness: Callable[..., Harness], sink: SmtpSink) -> None:
-    h = harness(ALERT_COOLDOWN_SECONDS=1, RECIPIENT_EMAIL="owner@example.com")
+    h = harness(ALERT_COOLDOWN_SECONDS=60, RECIPIENT_EMAIL="owner@example.com")
     for _ in range(6):
         h.post(event="motion", data="hall")
     h.drain()
     assert len(sink.wait_for(1)) == 1
-    time.sleep(1.1)
+    h.clock.advance(59.9)  # the window is still open: no summary yet
+    h.drain()
+    assert len(sink.messages) == 1
+    h.clock.advance(0.2)
     h.drain()
     messages = sink.wait_for(2)
     assert len(messages) == 2
     summary = messages[1]
-    text = str(summary["Subject"]) + text_of(summary)
-    assert "5" in text  # five repeats folded into the summary
+    # Five repeats folded into the summary: in the subject and in the "Repeats" row.
+    assert re.fullmatch(r"Summary: motion on \S+ — 5 more since \d\d:\d\d", str(summary["Subject"])), summary["Subject"]
+    assert "Repeats: 5" in text_of(summary).splitlines()
     # After the window closed, the next one is a new alert again.
     h.post(event="motion", data="hall")
     h.drain()
-    assert len(sink.wait_for(3)) == 3
+    messages = sink.wait_for(3)
+    assert len(messages) == 3
+    assert str(messages[2]["Subject"]).startswith("Alert: motion on ")
 
 
 def test_cooldown_is_per_source_event_and_device(harness: Callable[..., Harness], sink: SmtpSink) -> None:
@@ -151,8 +202,14 @@ def test_cooldown_is_per_source_event_and_device(harness: Callable[..., Harness]
     h.post(event="door")
     h.post(event="motion", coreid="ffffffffffffffffffffffff")
     h.drain()
-    assert len(sink.wait_for(3)) == 3
-    time.sleep(0.3)
+    messages = sink.wait_for(3)
+    assert sorted(str(m["Subject"]).split(" on ")[0] for m in messages) == [
+        "Alert: door",
+        "Alert: motion",
+        "Alert: motion",
+    ]
+    h.clock.advance(30)  # inside the windows: the repeat stays folded
+    h.drain()
     assert len(sink.messages) == 3
 
 
@@ -160,32 +217,46 @@ def test_cooldown_survives_a_restart(harness: Callable[..., Harness], sink: Smtp
     h = harness(ALERT_COOLDOWN_SECONDS=60, RECIPIENT_EMAIL="owner@example.com")
     h.post(event="motion")
     h.drain()
-    restarted = Worker(h.settings, Store(h.settings.database_path))
+    restarted = Worker(h.settings, Store(h.settings.database_path), clock=h.clock)
     h.post(event="motion")
-    restarted.run_once()
-    time.sleep(0.2)
+    restarted.run_once()  # sends synchronously: anything it sent is in the sink now
     assert len(sink.messages) == 1
     window = restarted.store.connection().execute("SELECT repeats FROM cooldowns").fetchone()
     assert window[0] == 1
+    h.clock.advance(61)
+    restarted.run_once()
+    restarted.run_once()
+    messages = sink.wait_for(2)
+    assert "Repeats: 1" in text_of(messages[1]).splitlines()
 
 
 def test_temporary_failures_retry_with_backoff_then_dead_letter(
     harness: Callable[..., Harness], sink: SmtpSink
 ) -> None:
     sink.refuse_code = 451
-    h = harness(RETRY_MAX_ATTEMPTS=3, RECIPIENT_EMAIL="owner@example.com")
+    h = harness(RETRY_MAX_ATTEMPTS=3, RETRY_BASE_SECONDS=10, RECIPIENT_EMAIL="owner@example.com")
     h.post()
     h.worker.run_once()
-    status, _, attempts = h.statuses()[0]
-    assert (status, attempts) == ("pending", 1)
-    next_at = h.worker.store.connection().execute("SELECT next_attempt_at FROM deliveries").fetchone()[0]
-    assert next_at > time.time()
-    for _ in range(40):
-        h.worker.run_once()
-        time.sleep(0.02)
+    assert h.statuses() == [("pending", "owner@example.com", 1)]
+    [next_at] = h.next_attempts()
+    assert h.clock() + 8 <= next_at <= h.clock() + 12  # 10 s, ±20% jitter
+    h.clock.advance(next_at - h.clock() - 0.01)
+    h.worker.run_once()  # not due yet: no second try
+    assert h.statuses() == [("pending", "owner@example.com", 1)]
+    h.clock.advance(0.02)
+    h.worker.run_once()
+    assert h.statuses() == [("pending", "owner@example.com", 2)]
+    [next_at] = h.next_attempts()
+    assert h.clock() + 16 <= next_at <= h.clock() + 24  # doubled
+    h.clock.advance(24.01)
+    h.worker.run_once()
+    assert h.statuses() == [("dead", "owner@example.com", 3)]
+    h.clock.advance(3600)
+    h.worker.run_once()  # a dead letter is never tried again
     assert h.statuses() == [("dead", "owner@example.com", 3)]
     [letter] = h.queue.dead_letters()
     assert letter.tries == 3 and "451" in letter.last_error
+    assert sink.messages == []
 
 
 def test_a_permanent_refusal_is_a_dead_letter_at_once_and_replay_sends_it(
@@ -211,40 +282,47 @@ def test_one_bad_recipient_does_not_resend_to_the_others(harness: Callable[..., 
     sink.refuse_code = 451
     h.worker.deliver(second)
     sink.refuse_code = None
-    for _ in range(30):
-        h.worker.run_once()
-        time.sleep(0.02)
+    h.clock.advance(1)  # past the retry's backoff (0.05 s base)
+    h.drain()
     recipients = [str(m["To"]) for m in sink.messages]
     assert sorted(recipients) == ["a@example.com", "b@example.com"]
+    assert [s[0] for s in h.statuses()] == ["sent", "sent"]
 
 
 def test_an_expired_lease_is_taken_over_with_the_same_message_id(
     harness: Callable[..., Harness], sink: SmtpSink
 ) -> None:
-    h = harness(RECIPIENT_EMAIL="owner@example.com", DELIVERY_LEASE_SECONDS=0.3)
+    h = harness(RECIPIENT_EMAIL="owner@example.com", DELIVERY_LEASE_SECONDS=30)
     h.post()
     h.queue.dispatch()
     [claimed] = h.queue.claim(1)  # a worker that then dies without finishing
     assert h.queue.claim(1) == []  # leased: nobody else takes it
     h.worker.deliver(claimed)  # the first worker did send before it died...
-    h.worker.store.connection().execute("UPDATE deliveries SET status = 'pending', lease_until = 0")
-    time.sleep(0.35)
-    other = Worker(h.settings, Store(h.settings.database_path))
+    # ...but did not record it: the delivery is still pending, under its lease.
+    h.worker.store.connection().execute("UPDATE deliveries SET status = 'pending', lease_until = ?", (h.clock() + 30,))
+    other = Worker(h.settings, Store(h.settings.database_path), clock=h.clock)
+    h.clock.advance(29.9)
+    other.run_once()
+    assert len(sink.messages) == 1  # the lease still holds
+    h.clock.advance(0.2)
     other.run_once()
     messages = sink.wait_for(2)
     assert messages[0]["Message-ID"] == messages[1]["Message-ID"]
 
 
 def test_lease_expiry_after_a_crash_delivers(harness: Callable[..., Harness], sink: SmtpSink) -> None:
-    h = harness(RECIPIENT_EMAIL="owner@example.com", DELIVERY_LEASE_SECONDS=0.3)
+    h = harness(RECIPIENT_EMAIL="owner@example.com", DELIVERY_LEASE_SECONDS=30)
     h.post()
     h.queue.dispatch()
     assert len(h.queue.claim(1)) == 1  # claimed, then the process "dies"
     h.worker.run_once()
+    h.clock.advance(29.9)
+    h.worker.run_once()
     assert sink.messages == []
-    time.sleep(0.35)
+    h.clock.advance(0.2)
     h.worker.run_once()
     assert len(sink.wait_for(1)) == 1
+    assert h.statuses() == [("sent", "owner@example.com", 2)]
 
 
 def test_without_smtp_notifications_go_to_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -261,8 +339,7 @@ def test_a_source_that_does_not_notify_creates_no_deliveries(tmp_path: Path) -> 
         '[sources.quiet]\nscheme = "bearer"\nsecrets = ["QUIET_SECRET"]\nnotify = false\n'
     )
     h = Harness(tmp_path, SOURCES_FILE=tmp_path / "sources.toml", QUIET_SECRET="q" * 20)
-    response = h.client.post("/webhook/quiet", json={"a": 1}, headers={"Authorization": "Bearer " + "q" * 20})
-    assert response.status_code == 202
+    assert_accepted(h.client.post("/webhook/quiet", json={"a": 1}, headers={"Authorization": "Bearer " + "q" * 20}))
     h.drain()
     assert h.statuses() == []
 
@@ -304,9 +381,8 @@ def test_housekeeping_drops_expired_rate_limit_counters(tmp_path: Path) -> None:
 
     h = Harness(tmp_path)
     storage = SQLiteStorage(storage_uri(h.settings.database_path, None))
-    storage.incr("gone", expiry=0)
+    storage.incr("gone", expiry=-1)  # its window ended a second ago
     storage.incr("kept", expiry=60)
-    time.sleep(0.01)
     h.worker.housekeeping()
     keys = [r[0] for r in storage._connection().execute("SELECT key FROM counters").fetchall()]
     assert keys == ["kept"]
@@ -314,11 +390,11 @@ def test_housekeeping_drops_expired_rate_limit_counters(tmp_path: Path) -> None:
 
 def test_windows_close_under_steady_load(harness: Callable[..., Harness], sink: SmtpSink) -> None:
     """A window whose end passed closes even while newer, undispatched events keep arriving."""
-    h = harness(ALERT_COOLDOWN_SECONDS=0.3, RECIPIENT_EMAIL="owner@example.com")
+    h = harness(ALERT_COOLDOWN_SECONDS=60, RECIPIENT_EMAIL="owner@example.com")
     h.post(event="motion")
     h.post(event="motion")
     h.queue.dispatch()
-    time.sleep(0.35)
+    h.clock.advance(60.1)
     h.post(event="door")  # arrives after the motion window ended, not yet dispatched
     assert h.queue.close_windows() == 1  # the motion summary is due regardless
     summary = h.worker.store.connection().execute("SELECT repeats FROM deliveries WHERE kind = 'summary'").fetchone()
@@ -326,14 +402,17 @@ def test_windows_close_under_steady_load(harness: Callable[..., Harness], sink: 
 
 
 def test_a_window_waits_for_an_older_undispatched_repeat(harness: Callable[..., Harness], sink: SmtpSink) -> None:
-    h = harness(ALERT_COOLDOWN_SECONDS=0.3, RECIPIENT_EMAIL="owner@example.com")
+    h = harness(ALERT_COOLDOWN_SECONDS=60, RECIPIENT_EMAIL="owner@example.com")
     h.post(event="motion")
     h.queue.dispatch()
+    h.clock.advance(59.9)
     h.post(event="motion")  # a repeat inside the window, not dispatched yet
-    time.sleep(0.35)
+    h.clock.advance(0.2)  # now the window has ended
     assert h.queue.close_windows() == 0  # closing now would lose that repeat from the summary
     h.queue.dispatch()
     assert h.queue.close_windows() == 1
+    summary = h.worker.store.connection().execute("SELECT repeats FROM deliveries WHERE kind = 'summary'").fetchone()
+    assert summary[0] == 1
 
 
 def _rows_in_database_file(path: Path) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _pytest.logging import LogCaptureHandler
 
 from webhook_server.ops.gunicorn_logging import GunicornNoAccessLogger
 from webhook_server.ops.logs import BatchingStreamHandler, JsonFormatter
@@ -94,12 +95,43 @@ def test_close_writes_what_is_left(logger: logging.Logger) -> None:
     assert _messages(stream.getvalue()) == [f"w{n}" for n in range(5)]
 
 
-def test_a_closed_stream_is_not_an_error(logger: logging.Logger) -> None:
+class BreakableStream(RecordingStream):
+    """Writes fail like a closed pipe's while `broken` is set."""
+
+    broken = False
+
+    def write(self, text: str) -> int:
+        if self.broken:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_closed_stream_is_not_an_error(logger: logging.Logger, capsys: pytest.CaptureFixture[str]) -> None:
     stream = io.StringIO()
-    logger.addHandler(_handler(stream))
+    handler = _handler(stream)
+    logger.addHandler(handler)
+    logger.error("before")
+    assert _messages(stream.getvalue()) == ["before"]
     stream.close()
-    logger.error("nowhere to go")  # must not raise
+    logger.error("nowhere to go")  # written at once, on this thread: an error would surface here
     logger.info("nor this")
+    handler.flush()  # what the writer thread does with it, here where an error would surface
+    handler.close()
+    assert handler._lines == []  # dropped, not kept waiting forever
+    # Not reported either: logging's handleError would print "--- Logging error ---" to stderr.
+    assert capsys.readouterr().err == ""
+
+
+def test_a_failed_write_loses_only_its_own_lines(logger: logging.Logger) -> None:
+    stream = BreakableStream()
+    logger.addHandler(_handler(stream))
+    logger.error("before")
+    stream.broken = True
+    logger.error("lost")  # the write fails: the line is dropped, nothing raised
+    stream.broken = False
+    logger.error("after")
+    assert _messages(stream.getvalue()) == ["before", "after"]
 
 
 def test_a_forked_child_logs_through_its_own_writer(logger: logging.Logger, tmp_path: Path) -> None:
@@ -148,6 +180,10 @@ def test_each_write_is_whole_lines_within_pipe_buf(logger: logging.Logger) -> No
 
 
 def test_a_line_that_cannot_be_encoded_spoils_no_other(logger: logging.Logger, tmp_path: Path) -> None:
+    # pytest captures the logs of loggers that do not propagate too; its copy of the lone
+    # surrogate would make the report one that pytest-xdist cannot send between processes.
+    for capturing in [h for h in logger.handlers if isinstance(h, LogCaptureHandler)]:
+        logger.removeHandler(capturing)
     out = tmp_path / "log.jsonl"
     with open(out, "w", encoding="utf-8") as stream:
         handler = _handler(stream)

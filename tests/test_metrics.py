@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import PARTICLE_SECRET, base_settings, bearer, particle_event
+from tests.conftest import PARTICLE_SECRET, assert_error, assert_unauthorized, base_settings, bearer, particle_event
 from tests.server import Server
 from webhook_server.ops import metrics
 
@@ -174,26 +174,14 @@ def test_live_subscriber_gauge(client: FlaskClient) -> None:
     assert value(scrape(client), "webhook_live_subscribers") == 0
 
 
-def assert_error(response: Any, status: int, code: str) -> None:
-    assert response.status_code == status
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert body["error"] == code and isinstance(body["message"], str)
-    assert set(body) == {"error", "message"}
-
-
 def test_a_metrics_token_is_required_when_set(make_app: Callable[..., Flask]) -> None:
     client = make_app(METRICS_TOKEN=METRICS_TOKEN).test_client()
     missing = client.get("/metrics")
-    assert_error(missing, 401, "unauthorized")
+    assert_unauthorized(missing)
     assert missing.headers["WWW-Authenticate"].startswith("Bearer")
-    assert_error(client.get("/metrics", headers=bearer("wrong-token-0123456789abcdef")), 401, "unauthorized")
-    assert_error(
-        client.get("/metrics", headers={"Authorization": f"Basic {METRICS_TOKEN}"}),
-        401,
-        "unauthorized",
-    )
-    assert_error(client.get("/metrics", headers=bearer(METRICS_TOKEN + "x")), 401, "unauthorized")
+    assert_unauthorized(client.get("/metrics", headers=bearer("wrong-token-0123456789abcdef")))
+    assert_unauthorized(client.get("/metrics", headers={"Authorization": f"Basic {METRICS_TOKEN}"}))
+    assert_unauthorized(client.get("/metrics", headers=bearer(METRICS_TOKEN + "x")))
     # The same message whatever was wrong.
     assert missing.get_json() == client.get("/metrics", headers=bearer("nope")).get_json()
     assert client.get("/metrics", headers=bearer(METRICS_TOKEN)).status_code == 200

@@ -74,8 +74,9 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
         assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 120
 
 
-def _writer(path: Path, interval: float = 0.5) -> tuple[GroupWriter, sqlite3.Connection]:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+def _writer(path: Path, interval: float = 0.5, timeout: float = 5.0) -> tuple[GroupWriter, sqlite3.Connection]:
+    """`timeout` is the connection's own busy timeout (Python's default is 5 s); the web processes use 0."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=timeout)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA wal_autocheckpoint=0")
     conn.execute("CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER)")
@@ -124,14 +125,18 @@ def test_a_locked_database_fails_the_group_after_the_patience(tmp_path: Path, mo
 
     monkeypatch.setattr(store_module, "WRITE_PATIENCE_SECONDS", 0.2)
     path = tmp_path / "g.sqlite3"
-    writer, _ = _writer(path)
+    # No busy timeout of the connection's own (as in the web processes): the patience alone waits.
+    writer, _ = _writer(path, timeout=0)
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
+        started = time.monotonic()
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             writer.run(lambda c: c.execute("INSERT INTO t VALUES ('x', 1)"))
+        waited = time.monotonic() - started
     finally:
         holder.execute("ROLLBACK")
+    assert 0.2 <= waited < 2.0, waited  # the patched patience, not the default 5 s
     assert writer.run(lambda c: c.execute("INSERT INTO t VALUES ('x', 1)").rowcount) == 1
 
 

@@ -20,7 +20,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from tests.conftest import CORE_ID, bearer, particle_event, signed_headers
+from tests.conftest import CORE_ID, assert_accepted, assert_error, bearer, particle_event, signed_headers
 
 FORM = "application/x-www-form-urlencoded"
 SECURITY_HEADERS = {
@@ -29,30 +29,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 HSTS = "Strict-Transport-Security"
-
-
-def assert_error(response: TestResponse, status: int) -> dict[str, Any]:
-    """The one error shape: JSON {"error", "message"} (+ "fields" for 422), and nothing else."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    expected = {"error", "message"} | ({"fields"} if status == 422 else set())
-    assert set(body) == expected
-    assert isinstance(body["error"], str) and body["error"]
-    assert isinstance(body["message"], str) and body["message"]
-    if status == 422:
-        assert isinstance(body["fields"], list) and body["fields"]
-        assert all(isinstance(f, str) and (f == "" or f.startswith("/")) for f in body["fields"])
-    return dict(body)
-
-
-def assert_accepted(response: TestResponse) -> str:
-    assert response.status_code == 202, response.get_data(as_text=True)
-    body = response.get_json()
-    assert set(body) == {"status", "id"}
-    assert body["status"] == "accepted"
-    assert isinstance(body["id"], str) and body["id"].isdigit()
-    return str(body["id"])
 
 
 def post_particle_json(client: FlaskClient, document: Any, **headers: str) -> TestResponse:
