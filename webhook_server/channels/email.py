@@ -19,6 +19,7 @@ from webhook_server.channels.text import (
     event_name,
     happened_at,
     local_time,
+    summary_since,
     window_start,
 )
 from webhook_server.settings import Settings
@@ -37,7 +38,7 @@ def subject(n: Notification, settings: Settings) -> str:
     """The rich email's subject: "Alert: motion on Storage unit 12"."""
     what = f"{event_name(n.event)} on {device_label(n.event, settings)}"
     if n.kind == "summary":
-        since = local_time(window_start(n), settings, "%H:%M")
+        since = summary_since(n, settings)
         what = f"Summary: {what} — {n.repeats} more since {since}"
     else:
         what = f"Alert: {what}"

@@ -5,16 +5,8 @@ from __future__ import annotations
 
 from email.message import EmailMessage
 
+from webhook_server.channels import text
 from webhook_server.channels.email import new_message
-from webhook_server.channels.text import (
-    clean,
-    device_label,
-    event_data,
-    event_name,
-    happened_at,
-    local_time,
-    window_start,
-)
 from webhook_server.settings import Settings
 from webhook_server.store.records import Notification
 
@@ -64,15 +56,14 @@ def is_sms_gateway(address: str) -> bool:
 def sms_text(n: Notification, settings: Settings, budget: int = SMS_LIMIT) -> str:
     """One line: "motion on Storage unit 12 at 18:02:11 EST: data…", at most `budget` characters."""
     event = n.event
-    name = event_name(event, 40)
+    name = text.event_name(event, 40)
     if n.kind == "summary":
-        since = local_time(window_start(n), settings, "%H:%M")
-        name = f"{name} x{n.repeats} since {since}"
-    when = local_time(happened_at(event), settings)
-    head = f"{name} on {device_label(event, settings, 30)} at {when}"
+        name = f"{name} x{n.repeats} since {text.summary_since(n, settings)}"
+    when = text.local_time(text.happened_at(event), settings)
+    head = f"{name} on {text.device_label(event, settings, 30)} at {when}"
     room = budget - len(head) - 2
-    data = event_data(event, room) if room > 3 else ""
-    return clean(f"{head}: {data}" if data else head, budget)
+    data = text.event_data(event, room) if room > 3 else ""
+    return text.clean(f"{head}: {data}" if data else head, budget)
 
 
 def render_sms(n: Notification, settings: Settings) -> EmailMessage:

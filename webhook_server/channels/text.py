@@ -102,3 +102,8 @@ def window_start(n: Notification) -> datetime:
         return datetime.fromtimestamp(n.window_start, UTC)
     except (OverflowError, OSError, ValueError):
         return happened_at(n.event)
+
+
+def summary_since(n: Notification, settings: Settings) -> str:
+    """When a summary's window opened, as "18:02" in ALERT_TIMEZONE."""
+    return local_time(window_start(n), settings, "%H:%M")
