@@ -147,6 +147,7 @@ def test_a_signal_to_the_whole_group_stops_everything_at_once(tmp_path: Path, si
     server.process = None
     server.log.close()
     output = server.output()
-    assert took < 8, f"stopping took {took:.1f} s"
-    assert "delivery worker stopped" in output
-    assert "Traceback" not in output
+    # The bug held the stop for 30 s; a loaded machine may take a few seconds.
+    assert took < 15, f"stopping took {took:.1f} s:\n{output[-3000:]}"
+    assert "delivery worker stopped" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]

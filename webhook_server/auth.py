@@ -291,6 +291,7 @@ class Scheme:
     delivery_id: Callable[[Headers, Any], str | None] = header_delivery_id
     timestamp_header: str | None = None  # where its sender puts the signed time, if anywhere
     secret_problem: Callable[[str], str | None] = field(default=lambda value: None)
+    carries_secret: bool = False  # its credential headers hold the secret itself (never kept)
 
 
 def _hub(algorithm: str, header: str, key: str) -> Scheme:
@@ -312,6 +313,7 @@ SCHEMES: dict[str, Scheme] = {
             _sign_bearer,
             ("Authorization",),
             {"bearer": {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <secret>`."}},
+            carries_secret=True,
         ),
         Scheme(
             "basic",
@@ -319,6 +321,7 @@ SCHEMES: dict[str, Scheme] = {
             _sign_basic,
             ("Authorization",),
             {"basic": {"type": "http", "scheme": "basic", "description": "A `basic` source's user:password."}},
+            carries_secret=True,
         ),
         _hub("sha256", "X-Hub-Signature-256", "hubSignature256"),
         _hub("sha1", "X-Hub-Signature", "hubSignature"),

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from webhook_server.auth import SCHEMES, Headers
 from webhook_server.ingest.sources import Source
 
 MAX_NAME_LENGTH = 200
+# Never kept with an event: credentials, and what the transport or a proxy added rather than
+# the sender (re-sending them would be wrong, and X-Forwarded-For is a client's address).
+NOT_KEPT = frozenset(
+    {
+        *("authorization", "proxy-authorization", "cookie"),
+        *("host", "content-length", "content-type", "connection", "keep-alive", "transfer-encoding"),
+        *("te", "trailer", "upgrade", "expect", "forwarded", "x-real-ip"),
+        *("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port"),
+    }
+)
 
 
 def describe(source: Source, headers: Headers, payload: Any) -> tuple[str, str, str | None]:
@@ -37,3 +48,10 @@ def particle_dedupe_key(payload: dict[str, Any]) -> str:
         data = json.dumps(data, sort_keys=True, separators=(",", ":"))
     identity = [payload["event"], data, str(payload["coreid"]).lower(), payload["published_at"]]
     return "p:" + hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
+def kept_headers(source: Source, headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The sender's headers worth keeping: not credentials, nor what the transport added."""
+    scheme = SCHEMES[source.scheme]
+    secret = {name.lower() for name in scheme.headers} if scheme.carries_secret else set()
+    return tuple((name, value) for name, value in headers if name.lower() not in NOT_KEPT | secret)

@@ -17,11 +17,12 @@ from werkzeug.routing import Rule
 from webhook_server.auth import Refused, authenticate
 from webhook_server.errors import AddressNotAllowed, BadCredentials, StoreUnavailable
 from webhook_server.ingest.body import parse_payload, read_body
-from webhook_server.ingest.events import describe
+from webhook_server.ingest.events import describe, kept_headers
 from webhook_server.ingest.ratelimit import get_rate_limits
 from webhook_server.ingest.sources import Source
 from webhook_server.ingest.validate import validate
 from webhook_server.store.extension import get_store
+from webhook_server.store.records import Received
 
 bp = Blueprint("webhooks", __name__)
 
@@ -88,12 +89,13 @@ def receive(name: str) -> tuple[Response, int]:
         payload = parse_payload(request.headers, body, particle=source.parser == "particle")
         validate(source.validator, payload, particle=source.parser == "particle")
         event, device, dedupe_key = describe(source, request.headers, payload)
+        received = Received(body, request.content_type or "", kept_headers(source, request.headers.items()))
     except HTTPException:
         hit.count_quietly()  # refused requests count too: guessing a secret is limited
         raise
     try:
         event_id, created = get_store().insert_event(
-            source.name, dedupe_key, event, device, request.remote_addr, payload, before=hit.count_in
+            source.name, dedupe_key, event, device, request.remote_addr, payload, hit.count_in, received
         )
     except sqlite3.Error as exc:
         current_app.logger.error("event store refused a write: %s", exc)

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Received:
+    """A request as it arrived, kept so that its event can be re-sent byte for byte."""
+
+    body: bytes
+    content_type: str
+    headers: tuple[tuple[str, str], ...]  # the sender's, without credentials or transport headers
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "content_type": self.content_type,
+            "headers": [list(pair) for pair in self.headers],
+            "body_base64": base64.b64encode(self.body).decode("ascii"),
+        }
 
 
 @dataclass(frozen=True)
@@ -20,9 +37,11 @@ class StoredEvent:
     device: str
     payload: Any
     client_ip: str | None = None
+    received: Received | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
+    def as_dict(self, raw: bool = False) -> dict[str, Any]:
+        """The event JSON of the contract; `raw` adds what was received (content type, headers, body)."""
+        document = {
             "id": self.id,
             "source": self.source,
             "received_at": self.received_at,
@@ -30,6 +49,13 @@ class StoredEvent:
             "device": self.device or None,
             "payload": self.payload,
         }
+        if raw:
+            document.update(self.received.as_dict() if self.received else NOT_KEPT)
+        return document
+
+
+# What `as_dict(raw=True)` says of an event stored before raw bodies were kept.
+NOT_KEPT: dict[str, Any] = {"content_type": None, "headers": [], "body_base64": None}
 
 
 def utc_now_iso() -> str:
@@ -57,6 +83,11 @@ class Notification:
 
 
 def event_from_row(row: sqlite3.Row) -> StoredEvent:
+    keys = row.keys()
+    received = None
+    if "body" in keys and row["body"] is not None:
+        pairs = tuple((str(name), str(value)) for name, value in json.loads(row["headers"] or "[]"))
+        received = Received(bytes(row["body"]), row["content_type"] or "", pairs)
     return StoredEvent(
         id=str(row["id"]),
         source=row["source"],
@@ -65,4 +96,5 @@ def event_from_row(row: sqlite3.Row) -> StoredEvent:
         device=row["device"],
         payload=json.loads(row["payload"]),
         client_ip=row["client_ip"],
+        received=received,
     )

@@ -1,4 +1,5 @@
-"""The tables of the embedded store, created at start (CREATE ... IF NOT EXISTS)."""
+"""The tables of the embedded store, created at start (CREATE ... IF NOT EXISTS), and the columns
+added since, which `store.sqlite.create_schema` adds to an older database."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ CREATE TABLE IF NOT EXISTS events (
     device TEXT NOT NULL DEFAULT '',
     client_ip TEXT,
     payload TEXT NOT NULL,
-    dispatched INTEGER NOT NULL DEFAULT 0
+    dispatched INTEGER NOT NULL DEFAULT 0,
+    body BLOB,             -- the raw body as received (NULL for events stored before it was kept)
+    content_type TEXT,
+    headers TEXT           -- the kept sender headers, a JSON list of [name, value] pairs
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_dedupe ON events(source, dedupe_key)
     WHERE dedupe_key IS NOT NULL;
@@ -57,3 +61,11 @@ CREATE TABLE IF NOT EXISTS cooldowns (
     PRIMARY KEY (source, event, device)
 );
 """
+
+# Columns added after the first release: (table, column, declaration). `migrate` adds the ones
+# an older database lacks (CREATE TABLE IF NOT EXISTS leaves an existing table as it was).
+ADDED_COLUMNS = (
+    ("events", "body", "BLOB"),
+    ("events", "content_type", "TEXT"),
+    ("events", "headers", "TEXT"),
+)

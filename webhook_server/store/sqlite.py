@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from webhook_server.store.group import Checkpointer, GroupWriter, write_retrying
-from webhook_server.store.records import StoredEvent, event_from_row, utc_now_iso
-from webhook_server.store.schema import SCHEMA
+from webhook_server.store.records import Received, StoredEvent, event_from_row, utc_now_iso
+from webhook_server.store.schema import ADDED_COLUMNS, SCHEMA
 
 
 def make_private_dir(path: Path) -> None:
@@ -63,7 +63,23 @@ def answers(connection: Callable[[], sqlite3.Connection]) -> bool:
 
 
 def create_schema(conn: sqlite3.Connection, write_lock: threading.Lock) -> None:
+    """The tables, and the columns added since an older database was made (one transaction,
+    so two processes starting at once cannot both add a column)."""
     write_retrying(write_lock, lambda: conn.executescript(SCHEMA))
+    write_retrying(write_lock, lambda: _add_columns(conn))
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, declaration in ADDED_COLUMNS:
+            present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 class Store:
@@ -108,20 +124,32 @@ class Store:
         client_ip: str | None,
         payload: Any,
         before: Callable[[sqlite3.Connection], None] | None = None,
+        received: Received | None = None,
     ) -> tuple[str, bool]:
         """Store an event durably; return (id, created). A known dedupe key returns the first id.
 
         `before` runs first in the same transaction (the rate-limit count); what it raises
-        is raised here, and the event is not stored.
+        is raised here, and the event is not stored. `received` (the raw request) is kept in
+        the same row, so it costs no second write.
         """
-        row = (source, dedupe_key, utc_now_iso(), event, device, client_ip, json.dumps(payload, ensure_ascii=False))
+        raw = (received.body, received.content_type, json.dumps(received.headers)) if received else (None, None, None)
+        row = (
+            source,
+            dedupe_key,
+            utc_now_iso(),
+            event,
+            device,
+            client_ip,
+            json.dumps(payload, ensure_ascii=False),
+            *raw,
+        )
 
         def insert(conn: sqlite3.Connection) -> tuple[str, bool]:
             if before is not None:
                 before(conn)
             inserted = conn.execute(
-                "INSERT INTO events (source, dedupe_key, received_at, event, device, client_ip, payload)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                "INSERT INTO events (source, dedupe_key, received_at, event, device, client_ip, payload, body,"
+                " content_type, headers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
                 row,
             ).fetchall()
             if inserted:
