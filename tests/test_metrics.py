@@ -169,9 +169,9 @@ def test_record_delivery_counts_outcomes_and_latency(client: FlaskClient) -> Non
 
 
 def test_live_subscriber_gauge(client: FlaskClient) -> None:
-    with metrics.live_subscriber():
-        assert value(scrape(client), "webhook_live_subscribers") == 1
-    assert value(scrape(client), "webhook_live_subscribers") == 0
+    with metrics.live_subscriber("particle"):
+        assert value(scrape(client), "webhook_live_subscribers", {"channel": "particle"}) == 1
+    assert value(scrape(client), "webhook_live_subscribers", {"channel": "particle"}) == 0
 
 
 def test_a_metrics_token_is_required_when_set(make_app: Callable[..., Flask]) -> None:

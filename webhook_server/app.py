@@ -15,6 +15,8 @@ from flask.sessions import SessionInterface, SessionMixin
 
 from webhook_server import errors
 from webhook_server.ingest import ratelimit, views
+from webhook_server.live import service as live
+from webhook_server.live import sse
 from webhook_server.ops import access, health, metrics_endpoint, openapi, security
 from webhook_server.settings import settings_from_environment
 from webhook_server.store import extension as store
@@ -69,10 +71,12 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     access.init_app(app, settings.log_level)
     security.init_app(app, settings.trusted_proxies)
-    store.init_app(app, settings.database_path)
+    events = store.init_app(app, settings.database_path)
+    live.init_app(app, settings, events)
     metrics_endpoint.init_app(app)
     ratelimit.init_app(app, storage_uri(settings.database_path, settings.redis_url), settings.rate_limit)
     app.register_blueprint(views.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(sse.bp)
     return app

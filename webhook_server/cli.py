@@ -16,6 +16,7 @@ import click
 from webhook_server.delivery.queue import DeliveryQueue
 from webhook_server.delivery.worker import SignalStop, Worker
 from webhook_server.ingest.send import send_test_event
+from webhook_server.live import listen as live_listen
 from webhook_server.ops import supervisor
 from webhook_server.ops.logs import configure_logging
 from webhook_server.ops.metrics import ensure_multiprocess_dir
@@ -192,6 +193,24 @@ def send(source_name: str | None, url: str, timeout: float, payload: str) -> Non
     status, body = send_test_event(settings.sources[name], url, document, timeout)
     click.echo(f"{status} {body}")
     sys.exit(0 if 200 <= status < 300 else 1)
+
+
+@main.command()
+@click.argument("channel")
+@click.option("--url", required=True, help="The server's base URL.")
+@click.option("--token", required=True, help="A token that may read the channel (sent as a Bearer token).")
+@click.option("--forward", default=None, metavar="URL", help="POST each event, as received, to this local URL.")
+@click.option(
+    "--state",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where the position is kept (default: one file per URL, channel and --forward in the state directory).",
+)
+@click.option("--json", "json_output", is_flag=True, help="Print each event's JSON object, one per line.")
+def listen(channel: str, url: str, token: str, forward: str | None, state: Path | None, json_output: bool) -> None:
+    """Follow a channel's live stream: print each event, or forward it to a local app."""
+    options = live_listen.Options(url, channel, token, forward=forward, state=state, json_output=json_output)
+    sys.exit(live_listen.main(options))
 
 
 @main.command("check-config")

@@ -2,12 +2,14 @@
 
 import gc
 import os
+import signal
 import sys
 from typing import Any
 
 # Every module a worker needs, imported (only imported: no app, connection or thread) here in
 # the master, so that the forked workers share those pages instead of each loading its own.
 import webhook_server.app  # noqa: F401
+from webhook_server.live.service import stop_streams
 from webhook_server.ops.metrics import child_exit as mark_process_dead
 from webhook_server.ops.metrics import clear_stale_files
 from webhook_server.ops.ports import PortInUse, check_free
@@ -82,6 +84,20 @@ def when_ready(server: Any) -> None:
     # Gunicorn's own "Listening at:" line is empty under reuse_port (the master binds nothing).
     urls = [f"http://{a[0]}:{a[1]}" if isinstance(a, tuple) else str(a) for a in server.cfg.address]
     server.log.info("Listening at: %s (%s)", ",".join(urls), server.pid)
+
+
+def post_worker_init(worker: Any) -> None:
+    # A stop (SIGTERM, or SIGINT/SIGQUIT for a quick one) also ends this worker's live streams,
+    # which would otherwise hold the stop for graceful_timeout; clients resume from the store.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        previous = signal.getsignal(signum)
+
+        def chained(number: int, frame: Any, previous: Any = previous) -> None:
+            stop_streams()
+            if callable(previous):
+                previous(number, frame)
+
+        signal.signal(signum, chained)
 
 
 def pre_fork(server: Any, worker: Any) -> None:

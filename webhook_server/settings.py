@@ -233,7 +233,14 @@ SETTINGS: tuple[Setting, ...] = (
         field="worker_poll_seconds",
     ),
     Setting("WEB_CONCURRENCY", "Gunicorn worker processes", 2, v.positive_int, "a positive whole number"),
-    Setting("GUNICORN_THREADS", "threads per Gunicorn worker process", 8, v.positive_int, "a positive whole number"),
+    Setting(
+        "GUNICORN_THREADS",
+        "threads per Gunicorn worker process; each live stream holds one, 8 are kept for everything else",
+        64,
+        v.positive_int,
+        "a positive whole number",
+        field="web_threads",
+    ),
 )
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 
@@ -284,6 +291,7 @@ class Settings:
     delivery_lease_seconds: float
     worker_poll_seconds: float
     log_level: str
+    web_threads: int
     extra: dict[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # said at start; nothing here stops the server
 

@@ -21,6 +21,7 @@ from webhook_server.ingest.events import describe, kept_headers
 from webhook_server.ingest.ratelimit import get_rate_limits
 from webhook_server.ingest.sources import Source
 from webhook_server.ingest.validate import validate
+from webhook_server.live.service import ring
 from webhook_server.store.extension import get_store
 from webhook_server.store.records import Received
 
@@ -100,6 +101,8 @@ def receive(name: str) -> tuple[Response, int]:
     except sqlite3.Error as exc:
         current_app.logger.error("event store refused a write: %s", exc)
         raise StoreUnavailable() from None
+    if created:
+        ring()  # subscribers on every worker of this host hear of it at once
     g.outcome = "accepted" if created else "duplicate"
     g.event_id = event_id
     return jsonify(status=g.outcome, id=event_id), 202 if created else 200

@@ -181,6 +181,8 @@ class WebMetrics:
     requests: Counter
     ack_seconds: Histogram
     live_subscribers: Gauge
+    live_events: Counter
+    live_overflows: Counter
 
 
 @dataclass(frozen=True)
@@ -225,11 +227,24 @@ def _make_web_metrics() -> WebMetrics:
             registry=_REGISTRY,
         ),
         # livesum: the sum over live processes; a dead worker's subscribers leave the sum
-        # when Gunicorn's child_exit hook marks it dead. 0 until the live stream exists.
+        # when Gunicorn's child_exit hook marks it dead.
         live_subscribers=Gauge(
             "webhook_live_subscribers",
-            "Live stream (WebSocket and SSE) subscribers connected now.",
+            "Live stream (WebSocket and SSE) subscribers connected now, by channel asked for.",
+            ["channel"],
             multiprocess_mode="livesum",
+            registry=_REGISTRY,
+        ),
+        live_events=Counter(
+            "webhook_live_events",
+            "Events sent to live stream subscribers, by transport (sse, ws).",
+            ["transport"],
+            registry=_REGISTRY,
+        ),
+        live_overflows=Counter(
+            "webhook_live_overflow_disconnects",
+            "Subscribers disconnected because they could not keep up, by transport.",
+            ["transport"],
             registry=_REGISTRY,
         ),
     )
@@ -270,14 +285,26 @@ def record_delivery(channel: str, outcome: str, latency_seconds: float | None = 
 
 
 @contextlib.contextmanager
-def live_subscriber() -> Iterator[None]:
-    """Count a live stream subscriber while the block runs (for the stream endpoints)."""
-    gauge = web_metrics().live_subscribers
+def live_subscriber(channel: str) -> Iterator[None]:
+    """Count a live stream subscriber of `channel` (as asked: "*", "particle,github") while the block runs."""
+    gauge = web_metrics().live_subscribers.labels(channel[:100])
     gauge.inc()
     try:
         yield
     finally:
         gauge.dec()
+
+
+def record_streamed(transport: str, events: int = 1, overflow: bool = False) -> None:
+    """Count events sent to a subscriber, or its overflow disconnect. Never raises."""
+    try:
+        instruments = web_metrics()
+        if events:
+            instruments.live_events.labels(transport).inc(events)
+        if overflow:
+            instruments.live_overflows.labels(transport).inc()
+    except Exception:  # metrics are best effort
+        log.warning("could not record a live stream metric", exc_info=True)
 
 
 # -- scrape-time gauges from the store --------------------------------------------------------

@@ -162,6 +162,44 @@ class Store:
         # Committed (with whatever other threads of this process wrote meanwhile) on return.
         return self.writer.run(insert)
 
+    def newest_id(self) -> int:
+        """The id of the newest event stored (0 for none)."""
+        row = self.connection().execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
+        return int(row[0])
+
+    def id_bounds(self) -> tuple[int, int]:
+        """(the oldest id still kept, the newest id ever given); the oldest is newest + 1 when none is kept."""
+        row = (
+            self.connection()
+            .execute(
+                "SELECT (SELECT MIN(id) FROM events),"
+                " (SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'events')"
+            )
+            .fetchone()
+        )
+        newest = int(row[1])
+        return (int(row[0]) if row[0] is not None else newest + 1), newest
+
+    def events_after(self, after: int, limit: int, sources: frozenset[str] | None = None) -> list[StoredEvent]:
+        """Up to `limit` events with an id after `after`, in id order (only of `sources`, if given)."""
+        if sources is None:
+            rows = (
+                self.connection()
+                .execute("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
+                .fetchall()
+            )
+        else:
+            marks = ",".join("?" * len(sources))
+            rows = (
+                self.connection()
+                .execute(
+                    f"SELECT * FROM events WHERE id > ? AND source IN ({marks}) ORDER BY id LIMIT ?",  # noqa: S608
+                    (after, *sorted(sources), limit),
+                )
+                .fetchall()
+            )
+        return [event_from_row(row) for row in rows]
+
     def get_event(self, event_id: int | str) -> StoredEvent | None:
         row = self.connection().execute("SELECT * FROM events WHERE id = ?", (int(event_id),)).fetchone()
         return event_from_row(row) if row else None

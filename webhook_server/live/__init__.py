@@ -1,0 +1,1 @@
+"""The live stream: subscribers, the hub, and the listen client."""
