@@ -349,10 +349,25 @@ class Catchup:
     opened: float = field(default_factory=time.monotonic)
     count: int = 0
     done: bool = False
+    marked: bool = False  # the server says where the backlog ends (": connected" ... ": live")
+
+    def comment(self, text: str) -> bool:
+        """Note a comment line; True when it ends the catch-up (webhook-server's `: live` marker)."""
+        if text == ": connected":
+            self.marked = True
+            return False
+        if text == ": live" and self.marked:
+            ended = self.resuming and not self.done
+            self.done = True
+            return ended
+        return False if self.marked else self.heartbeat()
 
     def event(self, received_at: Any) -> bool:
         """Note one event; True when it is the first live one (the catch-up just ended)."""
         if self.done or not self.resuming:
+            return False
+        if self.marked:  # every event before the marker is a missed one
+            self.count += 1
             return False
         moment = parse_time(received_at)
         if moment is not None and moment < self.server_now:
@@ -426,7 +441,7 @@ class Listener:
         for line in stream:
             self.backoff.reset()
             if line.startswith(":"):
-                self.caught_up(catchup.heartbeat(), catchup)
+                self.caught_up(catchup.comment(line.strip()), catchup)
                 continue
             message = parser.feed(line)
             if message is None:
