@@ -1,10 +1,15 @@
-"""REDIS_URL: rate-limit counts shared through a real Redis (Debian's redis-server, started here)."""
+"""REDIS_URL: rate-limit counts and the live fan-out through a real Redis (Debian's redis-server, started here)."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
+import queue
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,3 +113,92 @@ def test_alarms_are_still_accepted_when_redis_is_down(tmp_path: Path, redis_serv
         redis_server.stop()
         # The limiter's store is down: the event is still stored and acknowledged.
         assert post(server, 2).status_code == 202
+
+
+SUBSCRIBER_TOKEN = "subscriber-token-0123456789"
+
+
+class LiveStream:
+    """`GET /events/particle` on one server, read in a thread: each event's id and when it came."""
+
+    def __init__(self, server: Server) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        self.conn.request("GET", "/events/particle", headers={"Authorization": f"Bearer {SUBSCRIBER_TOKEN}"})
+        self.response = self.conn.getresponse()
+        assert self.response.status == 200
+        self.arrived: queue.Queue[tuple[str, float]] = queue.Queue()
+        self.live = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        assert self.live.wait(10), "no ': live' from the stream"
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError, ValueError, http.client.HTTPException):
+            for raw in iter(self.response.readline, b""):
+                line = raw.decode().rstrip("\n")
+                if line == ": live":
+                    self.live.set()
+                elif line.startswith("id: "):
+                    self.arrived.put((line[4:], time.monotonic()))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.conn.sock is not None:
+                self.conn.sock.shutdown(socket.SHUT_RDWR)  # the reader sees the end, then we close
+        self.reader.join(timeout=5)
+        self.conn.close()
+
+
+def post_and_wait(server: Server, stream: LiveStream, n: int) -> tuple[float, float]:
+    """POST event `n` to `server`: (seconds the POST took, seconds until `stream` had it)."""
+    start = time.monotonic()
+    response = post(server, n)
+    answered = time.monotonic() - start
+    assert response.status_code == 202, response.text
+    event_id, at = stream.arrived.get(timeout=5)
+    assert event_id == str(response.json()["id"])
+    return answered, at - start
+
+
+def test_the_live_stream_reaches_other_replicas_through_redis(tmp_path: Path, redis_server: RedisProcess) -> None:
+    """Two servers on one SQLite file, each with a DATA_DIR of its own (so each has its own doorbell
+    directory: the file is reached through a symlink): only Redis can wake A for B's events at once."""
+    env = {
+        "PARTICLE_WEBHOOK_SECRET": PARTICLE_SECRET,
+        "RATE_LIMIT": "1000/minute",
+        "REDIS_URL": redis_server.url,
+        "SUBSCRIBER_TOKENS": f"{SUBSCRIBER_TOKEN}:particle",
+        "WEB_CONCURRENCY": 2,
+    }
+    (tmp_path / "b").mkdir(mode=0o700)
+    with Server({**env, "DATA_DIR": tmp_path / "a"}, tmp_path, command="web") as a:
+        (tmp_path / "b" / "webhooks.sqlite3").symlink_to(tmp_path / "a" / "webhooks.sqlite3")
+        with Server({**env, "DATA_DIR": tmp_path / "b"}, tmp_path, command="web") as b:
+            stream = LiveStream(a)
+            try:
+                # Each POST right after the last event came: the poll alone would take about 1 s.
+                fast = [post_and_wait(b, stream, n)[1] for n in range(8)]
+                assert max(fast) < 0.5, fast
+
+                redis_server.stop()
+                down = [post_and_wait(b, stream, n) for n in range(10, 15)]
+                assert max(took for took, _ in down) < 0.5, down  # ingest does not wait for Redis
+                # Still delivered, by the once-a-second poll (so the fast path above was Redis).
+                assert all(0.5 < came < 2.0 for _, came in down[1:]), down
+
+                redis_server.start()
+                deadline = time.monotonic() + 20
+                n = 20
+                while post_and_wait(b, stream, n)[1] > 0.3:
+                    assert time.monotonic() < deadline, "the fast path did not come back"
+                    n += 1
+                back = [post_and_wait(b, stream, m)[1] for m in range(40, 48)]
+                assert max(back) < 0.5, back
+            finally:
+                stream.close()
+        # Said once per process that published (each of B's two workers may have).
+        assert b.output().count("cannot publish to Redis") in (1, 2), b.output()
+        assert b.output().count("publishing to Redis again") == b.output().count("cannot publish to Redis")
+    # Only the worker holding the stream listens.
+    assert a.output().count("live fan-out: lost Redis") == 1, a.output()
+    assert a.output().count("Redis is back") == 1

@@ -159,7 +159,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DATA_DIR", "where the SQLite store lives", Path("./data"), Path, field="data_dir", init="value"),
     Setting(
         "REDIS_URL",
-        "rate-limit counters in Redis, shared by replicas",
+        "rate-limit counters and the live fan-out through Redis, shared by replicas",
         parse=v.redis_url,
         expects="a URL starting with redis://, rediss:// or unix://",
         secret=True,

@@ -102,7 +102,7 @@ def receive(name: str) -> tuple[Response, int]:
         current_app.logger.error("event store refused a write: %s", exc)
         raise StoreUnavailable() from None
     if created:
-        ring()  # subscribers on every worker of this host hear of it at once
+        ring(event_id)  # subscribers on every worker of this host (and, with Redis, of every host) hear of it
     g.outcome = "accepted" if created else "duplicate"
     g.event_id = event_id
     return jsonify(status=g.outcome, id=event_id), 202 if created else 200

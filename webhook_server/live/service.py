@@ -15,6 +15,7 @@ from werkzeug.exceptions import ServiceUnavailable
 
 from webhook_server.live.doorbell import Doorbell
 from webhook_server.live.hub import Hub
+from webhook_server.live.redis_bell import RedisBell
 from webhook_server.settings import Settings
 from webhook_server.store.sqlite import Store
 
@@ -67,7 +68,7 @@ def init_app(app: Flask, settings: Settings, store: Store) -> Live | None:
     """The hub for this process, when SUBSCRIBER_TOKENS opens the stream to anyone."""
     if not settings.subscriber_tokens:
         return None
-    doorbell = Doorbell(settings.data_dir / "live")
+    doorbell = Doorbell(settings.data_dir / "live", RedisBell(settings.redis_url) if settings.redis_url else None)
     live = Live(Hub(store, doorbell), doorbell, max(settings.web_threads - RESERVED_THREADS, 1))
     app.extensions[EXTENSION_KEY] = live
     return live
@@ -78,8 +79,9 @@ def get_live() -> Live | None:
     return live
 
 
-def ring() -> None:
-    """After an event is stored: wake every hub on this host (none listen without subscribers)."""
+def ring(event_id: int | str | None = None) -> None:
+    """After an event is stored: wake every hub on this host (none listen without subscribers),
+    and with REDIS_URL every hub of every replica."""
     live = get_live()
     if live is not None:
-        live.doorbell.ring()
+        live.doorbell.ring(event_id)
