@@ -64,6 +64,7 @@ class Hub:
         self.doorbell = doorbell
         self._lock = threading.Lock()
         self._subscribers: set[Subscriber] = set()
+        self._by_channel: dict[str, set[Subscriber]] = {}  # each event goes only to its channel's
         self._last = 0
         self._thread: threading.Thread | None = None
 
@@ -74,6 +75,8 @@ class Hub:
                 self._last = self.store.newest_id()
             subscriber = Subscriber(channels, self._last, buffer)
             self._subscribers.add(subscriber)
+            for channel in channels:
+                self._by_channel.setdefault(channel, set()).add(subscriber)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, args=(self.doorbell.listen(),), daemon=True)
                 self._thread.name = "live-hub"
@@ -83,6 +86,8 @@ class Hub:
     def unsubscribe(self, subscriber: Subscriber) -> None:
         with self._lock:
             self._subscribers.discard(subscriber)
+            for channel in subscriber.channels:
+                self._by_channel.get(channel, set()).discard(subscriber)
 
     @property
     def count(self) -> int:
@@ -108,10 +113,10 @@ class Hub:
             if not events:
                 return handed
             with self._lock:
-                subscribers = list(self._subscribers)
+                by_channel = {event.source: list(self._by_channel.get(event.source, ())) for event in events}
                 self._last = last = int(events[-1].id)
             for event in events:
-                for subscriber in subscribers:
+                for subscriber in by_channel[event.source]:
                     subscriber.offer(event)
             handed += len(events)
 

@@ -54,8 +54,7 @@ def cursor() -> int | None:
 def frame(item: Item, raw: bool) -> bytes:
     """One SSE message."""
     if isinstance(item, StoredEvent):
-        data = json.dumps(item.as_dict(raw=raw), ensure_ascii=False, separators=(",", ":"))
-        return f"id: {item.id}\nevent: message\ndata: {data}\n\n".encode()
+        return f"id: {item.id}\nevent: message\ndata: {item.encoded(raw)}\n\n".encode()
     if isinstance(item, Reset):
         return f'event: reset\ndata: {{"type":"reset","oldest":"{item.oldest}"}}\n\n'.encode()
     if isinstance(item, Overflow):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +38,15 @@ class StoredEvent:
     payload: Any
     client_ip: str | None = None
     received: Received | None = None
+    # Encoded once however many subscribers get it (see `encoded`); not part of the event.
+    _encoded: dict[bool, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def encoded(self, raw: bool = False) -> str:
+        """`as_dict(raw)` as compact JSON text, made once per event and kept."""
+        text = self._encoded.get(raw)
+        if text is None:
+            text = self._encoded[raw] = json.dumps(self.as_dict(raw), ensure_ascii=False, separators=(",", ":"))
+        return text
 
     def as_dict(self, raw: bool = False) -> dict[str, Any]:
         """The event JSON of the contract; `raw` adds what was received (content type, headers, body)."""
