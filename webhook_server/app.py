@@ -16,7 +16,7 @@ from flask.sessions import SessionInterface, SessionMixin
 from webhook_server import errors
 from webhook_server.ingest import ratelimit, views
 from webhook_server.live import service as live
-from webhook_server.live import sse
+from webhook_server.live import sse, websocket
 from webhook_server.ops import access, health, metrics_endpoint, openapi, security
 from webhook_server.settings import settings_from_environment
 from webhook_server.store import extension as store
@@ -79,4 +79,5 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(sse.bp)
+    app.register_blueprint(websocket.bp)
     return app
