@@ -225,6 +225,11 @@ def check_config() -> None:
         click.echo(f"  email: {smtp.host}:{smtp.port} ({smtp.security}) to {len(settings.recipients)} recipient(s)")
     else:
         click.echo("  email: not configured; notifications are written to the log")
+    if settings.subscriber_tokens:
+        channels = sorted({c for opens in settings.subscriber_tokens.values() for c in opens})
+        click.echo(f"  live stream: {len(settings.subscriber_tokens)} token(s) for channels {', '.join(channels)}")
+    else:
+        click.echo("  live stream: off (no SUBSCRIBER_TOKENS)")
     click.echo(f"  store: {settings.database_path}")
     click.echo(f"  rate limit: {settings.rate_limit} ({'redis' if settings.redis_url else 'shared SQLite counters'})")
 
