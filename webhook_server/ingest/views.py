@@ -21,8 +21,7 @@ from webhook_server.ingest.events import describe, kept_headers
 from webhook_server.ingest.ratelimit import get_rate_limits
 from webhook_server.ingest.sources import Source
 from webhook_server.ingest.validate import validate
-from webhook_server.live.service import ring
-from webhook_server.store.extension import get_store
+from webhook_server.store.extension import event_stored, get_store
 from webhook_server.store.records import Received
 
 bp = Blueprint("webhooks", __name__)
@@ -102,7 +101,7 @@ def receive(name: str) -> tuple[Response, int]:
         current_app.logger.error("event store refused a write: %s", exc)
         raise StoreUnavailable() from None
     if created:
-        ring(event_id)  # subscribers on every worker of this host (and, with Redis, of every host) hear of it
+        event_stored.send(get_store(), event_id=event_id)  # the live stream hears of it
     g.outcome = "accepted" if created else "duplicate"
     g.event_id = event_id
     return jsonify(status=g.outcome, id=event_id), 202 if created else 200

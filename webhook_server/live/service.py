@@ -17,6 +17,7 @@ from webhook_server.live.doorbell import Doorbell
 from webhook_server.live.hub import Hub
 from webhook_server.live.redis_bell import RedisBell
 from webhook_server.settings import Settings
+from webhook_server.store.extension import event_stored
 from webhook_server.store.sqlite import Store
 
 EXTENSION_KEY = "webhook_live"
@@ -42,6 +43,11 @@ class Live:
             if self.streams >= self.capacity:
                 raise TooManySubscribers()
             self.streams += 1
+
+    def ring(self, store: Store, event_id: str) -> None:
+        """After an event is stored: wake every hub on this host (none listen without subscribers),
+        and with REDIS_URL every hub of every replica."""
+        self.doorbell.ring(event_id)
 
     def leave(self) -> None:
         with self._lock:
@@ -71,17 +77,10 @@ def init_app(app: Flask, settings: Settings, store: Store) -> Live | None:
     doorbell = Doorbell(settings.data_dir / "live", RedisBell(settings.redis_url) if settings.redis_url else None)
     live = Live(Hub(store, doorbell), doorbell, max(settings.web_threads - RESERVED_THREADS, 1))
     app.extensions[EXTENSION_KEY] = live
+    event_stored.connect(live.ring, sender=store, weak=False)
     return live
 
 
 def get_live() -> Live | None:
     live: Live | None = current_app.extensions.get(EXTENSION_KEY)
     return live
-
-
-def ring(event_id: int | str | None = None) -> None:
-    """After an event is stored: wake every hub on this host (none listen without subscribers),
-    and with REDIS_URL every hub of every replica."""
-    live = get_live()
-    if live is not None:
-        live.doorbell.ring(event_id)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from blinker import Namespace
 from flask import Flask, current_app
 
 from webhook_server.store.group import WEB_CHECKPOINT_COMMITS
 from webhook_server.store.sqlite import Store
 
 EXTENSION_KEY = "webhook_store"
+# Sent (by the view, after the commit) with the store as sender and `event_id=` for each new event:
+# the live stream listens, so the way in needs to know nothing of who follows.
+event_stored = Namespace().signal("event-stored")
 
 
 def init_app(app: Flask, path: Path) -> Store:
