@@ -580,3 +580,24 @@ def test_listen_forward_survives_a_restart_and_an_app_outage_without_loss_or_rep
     assert "reconnected to" in status and "not handled" in status
     assert json.loads((tmp_path / "state.json").read_text())["last_id"] == expected[-1]
     assert TOKEN_ALL not in status + (tmp_path / "listen.out").read_text()
+
+
+def test_a_subscriber_that_hangs_up_gives_its_place_back_at_once(tmp_path: Path) -> None:
+    """One place per worker (GUNICORN_THREADS=9 keeps 8 for the webhooks): a client that closes
+    must free it within about a second, not at the next heartbeat 15 s later."""
+    env = {**server_env(tmp_path / "data"), "WEB_CONCURRENCY": 1, "GUNICORN_THREADS": 9}
+    with Server(env, tmp_path) as one_place:
+        first = subscribe(one_place, "particle")
+        second = Stream(one_place, f"/events/particle?token={TOKEN_ALL}")
+        assert second.status == 503 and second.response.getheader("Retry-After")
+        second.close()
+        first.close()
+        deadline = time.monotonic() + 3
+        while True:
+            again = Stream(one_place, f"/events/particle?token={TOKEN_ALL}")
+            if again.status == 200 or time.monotonic() > deadline:
+                break
+            again.close()
+            time.sleep(0.2)
+        assert again.status == 200, "the place was not given back within 3 s"
+        again.close()

@@ -929,3 +929,20 @@ def test_health_without_system_info_is_status_and_timestamp_only(make_app: Calla
 
 def test_health_rejects_other_methods_as_json(client: FlaskClient) -> None:
     assert_error(client.post("/health"), 405)
+
+
+def test_a_store_that_cannot_write_is_503_with_retry_after(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from webhook_server.store.sqlite import Store
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Store, "insert_event", broken)
+    response = post_particle_json(client, particle_event())
+    body = assert_error(response, 503, "unavailable")
+    assert response.headers["Retry-After"] == "5"
+    assert "disk" not in body["message"]

@@ -109,7 +109,10 @@ class RateLimited(TooManyRequests):
 
 class StoreUnavailable(ServiceUnavailable):
     description = "The event store cannot accept events right now; retry shortly."
-    retry_after = 5
+
+    def __init__(self, retry_after: int = 5) -> None:
+        # A class attribute would not do: werkzeug's __init__ sets retry_after (None) on the instance.
+        super().__init__(retry_after=retry_after)
 
 
 def reason_of(error: HTTPException) -> str:

@@ -26,7 +26,9 @@ RESERVED_THREADS = 8
 
 class TooManySubscribers(ServiceUnavailable):
     description = "This server takes no more live subscribers now; retry after Retry-After."
-    retry_after = 5
+
+    def __init__(self, retry_after: int = 5) -> None:
+        super().__init__(retry_after=retry_after)  # werkzeug sets the instance's own, None by default
 
 
 @dataclass

@@ -9,7 +9,9 @@ listen`) resumes after the last one it got. `?since=<id>` does the same without 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import select
+import socket
+from collections.abc import Callable, Iterator
 
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import NotFound
@@ -72,7 +74,8 @@ def events(channels: str) -> Response:
     if request.args.get("poll") == "1":
         return Response(poll(store, sources, since, raw), mimetype="text/event-stream", headers=STREAM_HEADERS)
     live.take_place()  # 503 now, before the stream starts, when this process is full
-    body = stream(store, live, sources, since, raw, channels)
+    client = request.environ.get("gunicorn.socket")
+    body = stream(store, live, sources, since, raw, channels, ended(client) if client is not None else stopping)
     return Response(body, mimetype="text/event-stream", headers=STREAM_HEADERS)
 
 
@@ -91,14 +94,37 @@ def poll(store: Store, sources: frozenset[str], since: int | None, raw: bool) ->
     record_streamed("sse", sent)
 
 
+def ended(client: socket.socket) -> Callable[[], bool]:
+    """True once the worker stops or the client has hung up (checked about once a second while
+    idle): a subscriber that went away gives its thread back at once, not at the next heartbeat."""
+
+    def check() -> bool:
+        if stopping():
+            return True
+        try:
+            readable, _, _ = select.select([client], [], [], 0)
+            # A subscriber sends nothing after its request: readable means it closed (b"") or broke.
+            return bool(readable) and client.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    return check
+
+
 def stream(
-    store: Store, live: Live, sources: frozenset[str], since: int | None, raw: bool, asked: str
+    store: Store,
+    live: Live,
+    sources: frozenset[str],
+    since: int | None,
+    raw: bool,
+    asked: str,
+    done: Callable[[], bool] = stopping,
 ) -> Iterator[bytes]:
     """The live stream, until the client goes, overflows, or the worker stops."""
     try:
         with live_subscriber(asked):
             yield f"retry: {RETRY_MS}\n: connected\n\n".encode()
-            for item in follow(store, live.hub, sources, since, stopping):
+            for item in follow(store, live.hub, sources, since, done):
                 yield frame(item, raw)
                 if isinstance(item, StoredEvent):
                     record_streamed("sse")
