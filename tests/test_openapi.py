@@ -171,3 +171,12 @@ def test_schemathesis_finds_nothing_against_a_real_server(tmp_path: Path) -> Non
     assert cases["generated"] >= 100
     assert accepted > 0, "no Particle case got past authentication and validation"
     assert "Traceback" not in server_log, server_log[-4000:]
+
+
+def test_the_live_stream_endpoints_are_documented_with_their_refusals() -> None:
+    paths = document()["paths"]
+    for path, ok in (("/events/{channel}", "200"), ("/ws/{channel}", "101")):
+        responses = paths[path]["get"]["responses"]
+        assert {ok, "400", "401", "403", "404", "503"} <= set(responses), path
+        assert {p["name"] for p in paths[path]["get"]["parameters"]} == {"channel", "since", "raw", "poll"}
+    assert "subscriberToken" in document()["components"]["securitySchemes"]

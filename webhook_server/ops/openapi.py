@@ -77,7 +77,8 @@ METRICS_DESCRIPTION = (
     " set and presented."
 )
 BEARER_DESCRIPTION = (
-    "`Authorization: Bearer <secret>`: PARTICLE_WEBHOOK_SECRET, a bearer source's secret, or METRICS_TOKEN."
+    "`Authorization: Bearer <secret>`: PARTICLE_WEBHOOK_SECRET, a bearer source's secret, METRICS_TOKEN,"
+    " or a SUBSCRIBER_TOKENS token (for the live stream)."
 )
 
 
@@ -131,7 +132,25 @@ def security_schemes() -> dict[str, Any]:
     """Every scheme's entries from the registry; `bearer` also serves METRICS_TOKEN."""
     schemes: dict[str, Any] = {name: entry for scheme in SCHEMES.values() for name, entry in scheme.security.items()}
     schemes["bearer"] = {**schemes["bearer"], "description": BEARER_DESCRIPTION}
+    schemes["subscriberToken"] = {
+        "type": "apiKey",
+        "in": "query",
+        "name": "token",
+        "description": "A SUBSCRIBER_TOKENS token.",
+    }
     return schemes
+
+
+LIVE_DESCRIPTION = (
+    "Accepted events of a channel (a source's name, `*` for every channel the token opens, or a comma"
+    " list), from the store after the cursor, then live. 404 when SUBSCRIBER_TOKENS is unset."
+)
+LIVE_PARAMETERS: list[dict[str, Any]] = [
+    {"name": "channel", "in": "path", "required": True, "schema": {"type": "string"}},
+    {"name": "since", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+    {"name": "raw", "in": "query", "schema": {"enum": ["1"]}},
+    {"name": "poll", "in": "query", "schema": {"enum": ["1"]}},
+]
 
 
 @functools.cache
@@ -234,6 +253,42 @@ def document() -> dict[str, Any]:
                         },
                         "401": _ref("responses", "Error401"),
                         "404": _ref("responses", "Error404"),
+                    },
+                }
+            },
+            "/events/{channel}": {
+                "get": {
+                    "operationId": "liveEvents",
+                    "summary": "The live stream as Server-Sent Events",
+                    "description": LIVE_DESCRIPTION,
+                    "tags": ["live"],
+                    "parameters": LIVE_PARAMETERS,
+                    "security": [{"bearer": []}, {"subscriberToken": []}],
+                    "responses": {
+                        "200": {
+                            "description": "`id:`, `event:` (message, reset, overflow) and `data:` lines; comments"
+                            " (`: heartbeat`, `: live` once the backlog is sent).",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **{str(status): _ref("responses", f"Error{status}") for status in (400, 401, 403, 404, 503)},
+                    },
+                }
+            },
+            "/ws/{channel}": {
+                "get": {
+                    "operationId": "liveWebSocket",
+                    "summary": "The live stream over WebSocket",
+                    "description": LIVE_DESCRIPTION + " Answers 101 to a WebSocket upgrade, 426 to a plain GET.",
+                    "tags": ["live"],
+                    "parameters": LIVE_PARAMETERS,
+                    "security": [{"bearer": []}, {"subscriberToken": []}],
+                    "responses": {
+                        "101": {"description": "Switching to WebSocket: one text message per event (the event JSON)."},
+                        "426": {
+                            "description": "Not a WebSocket upgrade.",
+                            "content": {JSON: {"schema": _ref("schemas", "Error")}},
+                        },
+                        **{str(status): _ref("responses", f"Error{status}") for status in (400, 401, 403, 404, 503)},
                     },
                 }
             },
@@ -350,6 +405,7 @@ def document() -> dict[str, Any]:
         "tags": [
             {"name": "webhooks", "description": "The ways in."},
             {"name": "operations", "description": "Health, metrics and this document."},
+            {"name": "live", "description": "The live stream of accepted events."},
         ],
     }
 
