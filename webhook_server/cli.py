@@ -17,6 +17,7 @@ from webhook_server.delivery.queue import DeliveryQueue
 from webhook_server.delivery.worker import SignalStop, Worker
 from webhook_server.ingest.send import send_test_event
 from webhook_server.live import listen as live_listen
+from webhook_server.ops import events as stored_events
 from webhook_server.ops import supervisor
 from webhook_server.ops.logs import configure_logging
 from webhook_server.ops.metrics import ensure_multiprocess_dir
@@ -232,6 +233,61 @@ def check_config() -> None:
         click.echo("  live stream: off (no SUBSCRIBER_TOKENS)")
     click.echo(f"  store: {settings.database_path}")
     click.echo(f"  rate limit: {settings.rate_limit} ({'redis' if settings.redis_url else 'shared SQLite counters'})")
+
+
+@main.group("events", invoke_without_command=True)
+@click.option("--source", default=None, help="Only this source's events.")
+@click.option(
+    "--since", "since_text", default=None, metavar="ID|DURATION", help="After an id, or within 90s, 15m, 2h, 7d."
+)
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (the event JSON) per line.")
+@click.pass_context
+def events(ctx: click.Context, source: str | None, since_text: str | None, limit: int, as_json: bool) -> None:
+    """List stored events, newest first (or `events show ID`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        since = stored_events.parse_since(since_text) if since_text else stored_events.Since()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    settings = load_or_exit()
+    found = stored_events.list_events(Store(settings.database_path), source, since, limit)
+    if as_json:
+        for event, _state in found:
+            click.echo(json.dumps(event.as_dict(), ensure_ascii=False))
+        return
+    click.echo(f"{'id':>8}  {'received (UTC)':<26}  {'source':<12}  {'event':<20}  {'device':<24}  notification")
+    for event, state in found:
+        line = f"{event.id:>8}  {event.received_at:<26}  {event.source[:12]:<12}  {event.event[:20]:<20}"
+        click.echo(f"{line}  {(event.device or '-')[:24]:<24}  {state}")
+    if not found:
+        click.echo("No events.")
+
+
+@events.command("show")
+@click.argument("event_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="The whole event as one JSON object.")
+def events_show(event_id: int, as_json: bool) -> None:
+    """One event whole: payload, kept headers, raw body, deliveries."""
+    settings = load_or_exit()
+    document = stored_events.show(Store(settings.database_path), event_id)
+    if document is None:
+        click.echo(f"webhook-server: no event {event_id} (see `webhook-server events`)", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(document, ensure_ascii=False))
+        return
+    for key in ("id", "source", "received_at", "event", "device", "content_type"):
+        click.echo(f"{key + ':':<14}{document[key] if document[key] is not None else '-'}")
+    click.echo("headers:")
+    for name, value in document["headers"]:
+        click.echo(f"  {name}: {value}")
+    click.echo("payload:\n" + json.dumps(document["payload"], ensure_ascii=False, indent=2))
+    click.echo("deliveries:" + ("" if document["deliveries"] else " none"))
+    for d in document["deliveries"]:
+        error = f"  ({d['last_error']})" if d["last_error"] else ""
+        click.echo(f"  {d['kind']} by {d['channel']} to {d['recipient']}: {d['state']}, {d['tries']} tries{error}")
 
 
 @main.group("dead-letters", invoke_without_command=True)
