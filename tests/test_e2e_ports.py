@@ -137,6 +137,11 @@ def test_a_signal_to_the_whole_group_stops_everything_at_once(tmp_path: Path, si
     the delivery worker once deadlocked on the second one and held the stop for 30 s."""
     server = Server(env_for(tmp_path, PARTICLE_SECRET), tmp_path).start()
     assert server.process is not None
+    # Running, not starting: /health answers before the delivery worker has finished its imports
+    # (on a loaded machine), and a Ctrl-C that early is another story.
+    deadline = time.monotonic() + 20
+    while "delivery worker started" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
     started = time.monotonic()
     os.killpg(server.process.pid, signum)
     server.process.wait(timeout=25)
