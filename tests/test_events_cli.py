@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from flask import Flask
 
 from tests.conftest import PARTICLE_SECRET, WEBHOOK_SECRET, assert_accepted, bearer, particle_event, signed_headers
+from tests.smtpsink import SmtpSink
 from webhook_server.cli import main
 from webhook_server.delivery.worker import Worker
 from webhook_server.ops.events import Since, parse_since
@@ -115,3 +116,34 @@ def test_the_notification_state_follows_the_deliveries(posted: tuple[dict[str, s
     # Without SMTP each alert is written to the log; the two repeats of particle/motion fold.
     assert states[ids[0]] == "sent" and states[ids[3]] == "sent"
     assert states[ids[1]] == "none" and states[ids[2]] == "none"
+
+
+def test_events_replay_sends_the_mail_again(make_app: Callable[..., Flask], tmp_path: Path) -> None:
+    with SmtpSink() as sink:
+        smtp = {
+            "SMTP_HOST": "127.0.0.1",
+            "SMTP_PORT": str(sink.port),
+            "SMTP_SECURITY": "none",
+            "SMTP_EMAIL": "alerts@example.com",
+            "RECIPIENT_EMAIL": "owner@example.com",
+        }
+        app = make_app(**smtp)
+        event_id = assert_accepted(app.test_client().post("/webhook/particle", data=particle_event(), headers=bearer()))
+        env = {"PARTICLE_WEBHOOK_SECRET": PARTICLE_SECRET, "DATA_DIR": str(tmp_path / "data"), **smtp}
+        worker = Worker(load_settings(env))
+        while worker.run_once():
+            pass
+        assert len(sink.wait_for(1)) == 1
+        code, output = run(env, "events", "replay", event_id)
+        assert (code, output.strip()) == (
+            0,
+            f"Queued 1 new deliveries for event {event_id}; the delivery worker sends them.",
+        )
+        while worker.run_once():
+            pass
+        first, second = sink.wait_for(2)
+        assert first["Subject"] == second["Subject"] and first["Message-ID"] != second["Message-ID"]
+        assert str(second["X-Webhook-Event-Id"]) == event_id
+        code, output = run(env, "events", "show", event_id, "--json")
+        assert [d["state"] for d in json.loads(output)["deliveries"]] == ["sent", "sent"]
+    assert run(env, "events", "replay", "999")[0] == 1

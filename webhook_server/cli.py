@@ -290,6 +290,17 @@ def events_show(event_id: int, as_json: bool) -> None:
         click.echo(f"  {d['kind']} by {d['channel']} to {d['recipient']}: {d['state']}, {d['tries']} tries{error}")
 
 
+@events.command("replay")
+@click.argument("event_id", type=int)
+def events_replay(event_id: int) -> None:
+    """Run an event's notifications again, as new deliveries (the worker sends them)."""
+    count = _queue().replay_event(event_id)
+    if count is None:
+        click.echo(f"webhook-server: no event {event_id} (see `webhook-server events`)", err=True)
+        sys.exit(1)
+    click.echo(f"Queued {count} new deliveries for event {event_id}; the delivery worker sends them.")
+
+
 @main.group("dead-letters", invoke_without_command=True)
 @click.pass_context
 def dead_letters(ctx: click.Context) -> None:

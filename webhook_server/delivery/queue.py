@@ -104,6 +104,20 @@ class DeliveryQueue:
             ],
         )
 
+    def replay_event(self, event_id: int) -> int | None:
+        """The event's notifications again, as new alert deliveries past any cool-down; how many
+        (0 for a source that does not notify), or None when there is no such event."""
+        with self.store.transaction() as conn:
+            row = conn.execute("SELECT source FROM events WHERE id = ?", (event_id,)).fetchone()
+            if row is None:
+                return None
+            source = self.settings.sources.get(row["source"])
+            if source is not None and not source.notify:
+                return 0
+            before = conn.total_changes
+            self.add_deliveries(conn, event_id, "alert", source.recipients if source is not None else None)
+            return conn.total_changes - before
+
     # -- leases and outcomes ------------------------------------------------------------
 
     def claim(self, limit: int, now: float | None = None) -> list[Notification]:
