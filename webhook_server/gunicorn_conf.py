@@ -87,6 +87,9 @@ def when_ready(server: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
+    # Until here a signal to the worker meets handlers it inherited from the master and is lost
+    # (then a stop waits out graceful_timeout); from here on it is handled. Say so.
+    worker.log.info("Worker ready (pid: %s)", worker.pid)
     # A stop (SIGTERM, or SIGINT/SIGQUIT for a quick one) also ends this worker's live streams,
     # which would otherwise hold the stop for graceful_timeout; clients resume from the store.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
