@@ -257,9 +257,9 @@ def events(ctx: click.Context, source: str | None, since_text: str | None, limit
         for event, _state in found:
             click.echo(json.dumps(event.as_dict(), ensure_ascii=False))
         return
-    click.echo(f"{'id':>8}  {'received (UTC)':<26}  {'source':<12}  {'event':<20}  {'device':<24}  notification")
+    click.echo(f"{'id':>8}  {'received (UTC)':<27}  {'source':<12}  {'event':<20}  {'device':<24}  notification")
     for event, state in found:
-        line = f"{event.id:>8}  {event.received_at:<26}  {event.source[:12]:<12}  {event.event[:20]:<20}"
+        line = f"{event.id:>8}  {event.received_at:<27}  {event.source[:12]:<12}  {event.event[:20]:<20}"
         click.echo(f"{line}  {(event.device or '-')[:24]:<24}  {state}")
     if not found:
         click.echo("No events.")
