@@ -82,6 +82,36 @@ def _add_columns(conn: sqlite3.Connection) -> None:
         raise
 
 
+def event_row(
+    source: str,
+    dedupe_key: str | None,
+    event: str,
+    device: str,
+    client_ip: str | None,
+    payload: Any,
+    received: Received | None,
+) -> tuple[Any, ...]:
+    """The values of a new `events` row, in INSERT_EVENT's order."""
+    raw = (received.body, received.content_type, json.dumps(received.headers)) if received else (None, None, None)
+    payload_text = json.dumps(payload, ensure_ascii=False)
+    return (source, dedupe_key, utc_now_iso(), event, device, client_ip, payload_text, *raw)
+
+
+INSERT_EVENT = (
+    "INSERT INTO events (source, dedupe_key, received_at, event, device, client_ip, payload, body,"
+    " content_type, headers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id"
+)
+
+
+def insert_or_find(conn: sqlite3.Connection, row: tuple[Any, ...]) -> tuple[str, bool]:
+    """(id, True) for a new event, or (the first one's id, False) when its dedupe key is known."""
+    inserted = conn.execute(INSERT_EVENT, row).fetchall()
+    if inserted:
+        return str(inserted[0][0]), True
+    existing = conn.execute("SELECT id FROM events WHERE source = ? AND dedupe_key = ?", (row[0], row[1])).fetchone()
+    return str(existing[0]), False
+
+
 class Store:
     """Connections to one SQLite database, one per thread and process."""
 
@@ -132,32 +162,12 @@ class Store:
         is raised here, and the event is not stored. `received` (the raw request) is kept in
         the same row, so it costs no second write.
         """
-        raw = (received.body, received.content_type, json.dumps(received.headers)) if received else (None, None, None)
-        row = (
-            source,
-            dedupe_key,
-            utc_now_iso(),
-            event,
-            device,
-            client_ip,
-            json.dumps(payload, ensure_ascii=False),
-            *raw,
-        )
+        row = event_row(source, dedupe_key, event, device, client_ip, payload, received)
 
         def insert(conn: sqlite3.Connection) -> tuple[str, bool]:
             if before is not None:
                 before(conn)
-            inserted = conn.execute(
-                "INSERT INTO events (source, dedupe_key, received_at, event, device, client_ip, payload, body,"
-                " content_type, headers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
-                row,
-            ).fetchall()
-            if inserted:
-                return str(inserted[0][0]), True
-            existing = conn.execute(
-                "SELECT id FROM events WHERE source = ? AND dedupe_key = ?", (source, dedupe_key)
-            ).fetchone()
-            return str(existing[0]), False
+            return insert_or_find(conn, row)
 
         # Committed (with whatever other threads of this process wrote meanwhile) on return.
         return self.writer.run(insert)
