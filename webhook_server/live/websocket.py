@@ -132,7 +132,7 @@ def message(item: StoredEvent | Reset, raw: bool) -> bytes:
     """One text message."""
     if isinstance(item, Reset):
         return json.dumps({"type": "reset", "oldest": str(item.oldest)}, separators=(",", ":")).encode()
-    return json.dumps(item.as_dict(raw=raw), ensure_ascii=False, separators=(",", ":")).encode()
+    return item.encoded(raw).encode()  # encoded once per event, however many subscribers take it
 
 
 class Connection:
