@@ -300,7 +300,7 @@ def test_a_plain_get_gets_the_same_checks_then_426(server: Server) -> None:
     answer = requests.get(f"{server.url}/ws/generic?token={ALL_TOKEN}", timeout=5)
     assert answer.status_code == 426
     assert answer.headers["Upgrade"] == "websocket"
-    assert answer.json()["error"] == "error"
+    assert answer.json()["error"] == "upgrade_required"
 
 
 def test_the_token_as_query_and_never_in_the_log(server: Server) -> None:

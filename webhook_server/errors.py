@@ -43,6 +43,7 @@ STATUSES: dict[int, Status] = {
     413: Status("payload_too_large", "too_large", "The body is over the limit (checked before it is read whole)."),
     415: Status("unsupported_media_type", "unsupported", "Unsupported Content-Type."),
     422: Status("schema_violation", "invalid", "The body parsed but does not match the source's schema."),
+    426: Status("upgrade_required", "upgrade_required", "A WebSocket endpoint asked without a WebSocket upgrade."),
     429: Status("rate_limited", "rate_limited", "Rate limit exceeded for this source and client address."),
     500: Status("internal_error", "error", "The server failed; never for anything a client sent."),
     503: Status(
