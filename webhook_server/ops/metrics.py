@@ -277,9 +277,10 @@ def record_delivery(channel: str, outcome: str, latency_seconds: float | None = 
     """
     try:
         instruments = delivery_metrics()
-        instruments.deliveries.labels(channel, DELIVERY_OUTCOMES.get(outcome, outcome)).inc()
+        # The latency first: a scrape in between then never shows a sent delivery without it.
         if latency_seconds is not None:
             instruments.delivery_seconds.labels(channel).observe(max(latency_seconds, 0.0))
+        instruments.deliveries.labels(channel, DELIVERY_OUTCOMES.get(outcome, outcome)).inc()
     except Exception:  # metrics are best effort
         log.warning("could not record a delivery metric", exc_info=True)
 
