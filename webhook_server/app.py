@@ -14,7 +14,7 @@ from flask import Flask, Request, Response
 from flask.sessions import SessionInterface, SessionMixin
 
 from webhook_server import errors
-from webhook_server.ingest import ratelimit, views
+from webhook_server.ingest import audit, ratelimit, views
 from webhook_server.live import service as live
 from webhook_server.live import sse, websocket
 from webhook_server.ops import access, health, metrics_endpoint, openapi, security
@@ -75,6 +75,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     live.init_app(app, settings, events)
     metrics_endpoint.init_app(app)
     ratelimit.init_app(app, storage_uri(settings.database_path, settings.redis_url), settings.rate_limit)
+    audit.init_app(app)
     app.register_blueprint(views.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)

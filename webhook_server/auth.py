@@ -5,8 +5,9 @@
 security entry, and where its sender puts a delivery id and a timestamp. Adding a scheme is
 adding an entry here.
 
-Every verifier takes the source's keys, the request headers and the raw body, and raises
-`Refused` with a reason for the server's log; the web side answers every refusal with the same
+Every verifier takes the source's keys, the request headers and the raw body, and returns which
+of the source's secrets matched (its index, for the audit's fingerprint) or raises `Refused` with
+a reason for the server's log; the web side answers every refusal with the same
 401, so a caller learns nothing about which part was wrong. Nothing here needs the web
 framework: the delivery worker reads the registry too. Each accepts any of the source's secrets,
 so secrets can be rotated.
@@ -61,7 +62,8 @@ class Keys(Protocol):
     def signature_header(self) -> str | None: ...
 
 
-Verifier = Callable[[Keys, Headers, bytes], None]
+# (keys, headers, raw body) -> the index of the secret that matched; raises Refused
+Verifier = Callable[[Keys, Headers, bytes], int]
 # (keys, the secret to sign with, the raw body) -> the headers its sender would add
 Signer = Callable[[Keys, str, bytes], dict[str, str]]
 
@@ -75,13 +77,20 @@ def _equal(given: str | bytes, expected: str | bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
-def _any_equal(given: Iterable[str | bytes], expected: Iterable[str | bytes]) -> bool:
-    """Compare every pair, without stopping early, so timing says nothing about which matched."""
-    matched = False
-    for candidate in expected:
+def _matching(given: Iterable[str | bytes], expected: Iterable[str | bytes]) -> int | None:
+    """The index of the first expected value that a given one equals, or None. Every pair is
+    compared, without stopping early, so timing says nothing about which one matched."""
+    matched: int | None = None
+    for index, candidate in enumerate(expected):
         for value in given:
-            matched |= _equal(value, candidate)
+            if _equal(value, candidate) and matched is None:
+                matched = index
     return matched
+
+
+def fingerprint(secret: str) -> str:
+    """How the audit and `sources` name a secret: the first 8 hex digits of its SHA-256."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:8]
 
 
 def _digest(algorithm: str, key: bytes, message: bytes) -> bytes:
@@ -94,6 +103,13 @@ def _require(condition: bool, reason: str) -> None:
         raise Refused(reason)
 
 
+def _matched(index: int | None, reason: str) -> int:
+    """`index`, or refuse with `reason` when no secret matched."""
+    if index is None:
+        raise Refused(reason)
+    return index
+
+
 def _authorization(headers: Headers, kind: str) -> str:
     value = headers.get("Authorization", "")
     prefix, _, credentials = value.partition(" ")
@@ -102,33 +118,33 @@ def _authorization(headers: Headers, kind: str) -> str:
     return credentials.strip()
 
 
-def verify_bearer(source: Keys, headers: Headers, body: bytes) -> None:
+def verify_bearer(source: Keys, headers: Headers, body: bytes) -> int:
     """`Authorization: Bearer <secret>` (Particle)."""
     token = _authorization(headers, "bearer")
-    _require(_any_equal([token], source.secrets), "wrong bearer token")
+    return _matched(_matching([token], source.secrets), "wrong bearer token")
 
 
-def verify_basic(source: Keys, headers: Headers, body: bytes) -> None:
+def verify_basic(source: Keys, headers: Headers, body: bytes) -> int:
     """`Authorization: Basic base64(user:password)`; a secret is `user:password`."""
     encoded = _authorization(headers, "basic")
     try:
         decoded = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise Refused("the Basic credentials are not base64") from None
-    _require(_any_equal([decoded], [s.encode() for s in source.secrets]), "wrong user or password")
+    return _matched(_matching([decoded], [s.encode() for s in source.secrets]), "wrong user or password")
 
 
 def _hub_signature(algorithm: str, default_header: str) -> Verifier:
     """GitHub style: `<header>: <algorithm>=<hex HMAC of the raw body>`."""
 
-    def verify(source: Keys, headers: Headers, body: bytes) -> None:
+    def verify(source: Keys, headers: Headers, body: bytes) -> int:
         header = source.signature_header or default_header
         value = headers.get(header, "")
         prefix, _, signature = value.partition("=")
         _require(bool(value), f"no {header} header")
         _require(prefix == algorithm and bool(signature), f"{header} is not {algorithm}=<hex digest>")
         expected = [_digest(algorithm, s.encode(), body).hex() for s in source.secrets]
-        _require(_any_equal([signature.strip().lower()], expected), f"{header} does not match the body")
+        return _matched(_matching([signature.strip().lower()], expected), f"{header} does not match the body")
 
     verify.__name__ = f"verify_hmac_{algorithm}"
     verify.__doc__ = f"`{default_header}: {algorithm}=<hex>` over the raw body."
@@ -147,23 +163,23 @@ def _fresh(timestamp: str) -> bool:
         return False
 
 
-def verify_standard_webhooks(source: Keys, headers: Headers, body: bytes) -> None:
+def verify_standard_webhooks(source: Keys, headers: Headers, body: bytes) -> int:
     """Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64>`."""
     wanted = {k: headers.get(k, "") for k in ("webhook-id", "webhook-timestamp", "webhook-signature")}
-    matched = False
+    matched: int | None = None
     reason = "no matching webhook-signature"
-    for secret in source.secrets:
+    for index, secret in enumerate(source.secrets):
         try:
             Webhook(secret).verify(body, wanted, json_parse=False)
-            matched = True
+            matched = index if matched is None else matched
         # The library raises several types on hostile input (bad base64, missing commas, bad UTF-8);
         # its messages ("Message timestamp too old", "Missing required headers") name no secret.
         except Exception as exc:
             reason = f"standard webhooks: {str(exc)[:100] or type(exc).__name__}"
-    _require(matched, reason)
+    return _matched(matched, reason)
 
 
-def verify_stripe(source: Keys, headers: Headers, body: bytes) -> None:
+def verify_stripe(source: Keys, headers: Headers, body: bytes) -> int:
     """Stripe: `Stripe-Signature: t=<ts>,v1=<hex>` over `<ts>.<body>`, keyed by the whsec_ string."""
     parts = [p.partition("=") for p in headers.get("Stripe-Signature", "").split(",")]
     timestamps = [v.strip() for k, _, v in parts if k.strip() == "t"]
@@ -172,10 +188,10 @@ def verify_stripe(source: Keys, headers: Headers, body: bytes) -> None:
     _require(_fresh(timestamps[0]), "Stripe-Signature timestamp is not within five minutes")
     message = timestamps[0].encode() + b"." + body
     expected = [_digest("sha256", s.encode(), message).hex() for s in source.secrets]
-    _require(_any_equal(signatures, expected), "Stripe-Signature does not match the body")
+    return _matched(_matching(signatures, expected), "Stripe-Signature does not match the body")
 
 
-def verify_slack(source: Keys, headers: Headers, body: bytes) -> None:
+def verify_slack(source: Keys, headers: Headers, body: bytes) -> int:
     """Slack: `X-Slack-Signature: v0=<hex>` over `v0:<X-Slack-Request-Timestamp>:<body>`."""
     timestamp = headers.get("X-Slack-Request-Timestamp", "")
     _require(_fresh(timestamp), "X-Slack-Request-Timestamp is missing or not within five minutes")
@@ -183,15 +199,15 @@ def verify_slack(source: Keys, headers: Headers, body: bytes) -> None:
     expected = ["v0=" + _digest("sha256", s.encode(), message).hex() for s in source.secrets]
     given = headers.get("X-Slack-Signature", "")
     _require(given.startswith("v0="), "X-Slack-Signature is missing or not v0=<hex>")
-    _require(_any_equal([given], expected), "X-Slack-Signature does not match the body")
+    return _matched(_matching([given], expected), "X-Slack-Signature does not match the body")
 
 
-def verify_shopify(source: Keys, headers: Headers, body: bytes) -> None:
+def verify_shopify(source: Keys, headers: Headers, body: bytes) -> int:
     """Shopify: `X-Shopify-Hmac-Sha256: <base64 HMAC-SHA256 of the body>`."""
     expected = [base64.b64encode(_digest("sha256", s.encode(), body)) for s in source.secrets]
     given = headers.get("X-Shopify-Hmac-Sha256", "")
     _require(bool(given), "no X-Shopify-Hmac-Sha256 header")
-    _require(_any_equal([given.encode()], expected), "X-Shopify-Hmac-Sha256 does not match the body")
+    return _matched(_matching([given.encode()], expected), "X-Shopify-Hmac-Sha256 does not match the body")
 
 
 def sign_hub(secret: str, body: bytes, algorithm: str = "sha256") -> str:
@@ -370,9 +386,9 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
-def authenticate(source: Keys, headers: Headers, body: bytes) -> None:
-    """Raise `Refused` unless the request carries a valid credential for `source`."""
-    SCHEMES[source.scheme].verify(source, headers, body)
+def authenticate(source: Keys, headers: Headers, body: bytes) -> str:
+    """The fingerprint of the secret the request proves; `Refused` unless it carries a valid one."""
+    return fingerprint(source.secrets[SCHEMES[source.scheme].verify(source, headers, body)])
 
 
 def bearer_token(headers: Headers) -> str | None:

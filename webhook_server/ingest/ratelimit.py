@@ -11,6 +11,8 @@ import logging
 import math
 import sqlite3
 import time
+from collections.abc import Callable
+from contextlib import suppress
 
 from flask import Flask, current_app
 from limits import RateLimitItem, parse_many
@@ -60,6 +62,19 @@ class Hit:
             self.count()
         except Exception:  # over the limit, or a broken counter store: the refusal stands
             log.debug("could not count a refused request", exc_info=True)
+
+    def refused_counter(self) -> Callable[[sqlite3.Connection], None] | None:
+        """Count a refused request (401, 400, ...): now (Redis), or the returned function counts
+        it in the transaction of its audit record (SQLite counters, in the store's file)."""
+        if not self.limits.counted_with_event:
+            self.count_quietly()
+            return None
+
+        def count(conn: sqlite3.Connection) -> None:
+            with suppress(RateLimited):  # over the limit: the refusal stands as it is
+                self.count_in(conn)
+
+        return count
 
     def count_in(self, conn: sqlite3.Connection) -> None:
         """Count the request in the transaction that stores its event (SQLite counters only).
@@ -115,7 +130,9 @@ class RateLimits:
         """
         hit = Hit(self, self.items(source.rate_limit or self.default), (source.name, client))
         try:
-            if not self.counted_with_event or any(not self.strategy.test(item, *hit.identifiers) for item in hit.items):
+            if self.counted_with_event:
+                self._refuse_when_full(hit)
+            else:
                 hit.count()
         except RateLimited:
             raise
@@ -123,6 +140,15 @@ class RateLimits:
             hit.counted = True  # not again, in the event's transaction
             log.warning("rate limit storage failed; letting the request through", exc_info=True)
         return hit
+
+    def _refuse_when_full(self, hit: Hit) -> None:
+        """Only read (SQLite counters): an accepted request is counted with its event, and one
+        over a full window needs no count (a fixed window only grows), so a flood of 429s
+        writes nothing but its folded audit record."""
+        for item in hit.items:
+            if not self.strategy.test(item, *hit.identifiers):
+                hit.counted = True
+                raise _refusal(item, self.strategy.get_window_stats(item, *hit.identifiers).reset_time)
 
 
 def init_app(app: Flask, uri: str, default: str) -> RateLimits:

@@ -16,6 +16,7 @@ from werkzeug.routing import Rule
 
 from webhook_server.auth import Refused, authenticate
 from webhook_server.errors import AddressNotAllowed, BadCredentials, StoreUnavailable
+from webhook_server.ingest.audit import accepted_writer as audited
 from webhook_server.ingest.body import parse_payload, read_body
 from webhook_server.ingest.events import describe, kept_headers
 from webhook_server.ingest.ratelimit import get_rate_limits
@@ -71,7 +72,7 @@ def resolve_source(name: str) -> Source:
 def authenticated(source: Source, body: bytes) -> None:
     """401 unless the request proves it comes from `source` (why not goes to the log only)."""
     try:
-        authenticate(source, request.headers, body)
+        g.key = authenticate(source, request.headers, body)  # the fingerprint, for the audit
     except Refused as exc:
         raise BadCredentials(exc.reason) from None
 
@@ -91,17 +92,18 @@ def receive(name: str) -> tuple[Response, int]:
         event, device, dedupe_key = describe(source, request.headers, payload)
         received = Received(body, request.content_type or "", kept_headers(source, request.headers.items()))
     except HTTPException:
-        hit.count_quietly()  # refused requests count too: guessing a secret is limited
+        g.hit = hit  # refused requests count too (guessing a secret is limited), with their audit
         raise
     try:
         event_id, created = get_store().insert_event(
-            source.name, dedupe_key, event, device, request.remote_addr, payload, hit.count_in, received
+            source.name, dedupe_key, event, device, request.remote_addr, payload, hit.count_in, received, audited()
         )
     except sqlite3.Error as exc:
         current_app.logger.error("event store refused a write: %s", exc)
         raise StoreUnavailable() from None
     if created:
         event_stored.send(get_store(), event_id=event_id)  # the live stream hears of it
+    g.audited = True
     g.outcome = "accepted" if created else "duplicate"
     g.event_id = event_id
     return jsonify(status=g.outcome, id=event_id), 202 if created else 200

@@ -60,6 +60,38 @@ CREATE TABLE IF NOT EXISTS cooldowns (
     repeats INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (source, event, device)
 );
+
+-- One row per request to a webhook endpoint (store.audit). Identical refusals (same source,
+-- client, status, reason and key) in one minute (`bucket`) fold into one row with a count, so
+-- a flood cannot grow the table faster than its distinct refusals. '' stands for "none" in the
+-- folded columns: a unique index treats NULLs as all different.
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,               -- the (first) request's time, seconds since the epoch
+    last_at REAL NOT NULL,          -- the last request folded into this row
+    source TEXT NOT NULL DEFAULT '',
+    client TEXT NOT NULL DEFAULT '',
+    status INTEGER NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    total_ms REAL NOT NULL,         -- handling time, summed over the requests folded here
+    event_id INTEGER,
+    key TEXT NOT NULL DEFAULT '',   -- the fingerprint of the secret that matched
+    count INTEGER NOT NULL DEFAULT 1,
+    bucket INTEGER                  -- refusals only: the minute they fold in
+);
+CREATE INDEX IF NOT EXISTS audit_last ON audit(last_at);
+CREATE UNIQUE INDEX IF NOT EXISTS audit_fold ON audit(bucket, source, client, status, reason, key)
+    WHERE bucket IS NOT NULL;
+
+-- Each secret's use, by fingerprint, for rotation (`webhook-server sources`): kept apart from the
+-- audit so its counts outlive AUDIT_RETENTION_DAYS.
+CREATE TABLE IF NOT EXISTS secret_uses (
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    matches INTEGER NOT NULL,
+    last_match REAL NOT NULL,
+    PRIMARY KEY (source, key)
+) WITHOUT ROWID;
 """
 
 # Columns added after the first release: (table, column, declaration). `migrate` adds the ones

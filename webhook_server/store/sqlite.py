@@ -155,19 +155,24 @@ class Store:
         payload: Any,
         before: Callable[[sqlite3.Connection], None] | None = None,
         received: Received | None = None,
+        after: Callable[[sqlite3.Connection, str, bool], None] | None = None,
     ) -> tuple[str, bool]:
         """Store an event durably; return (id, created). A known dedupe key returns the first id.
 
         `before` runs first in the same transaction (the rate-limit count); what it raises
-        is raised here, and the event is not stored. `received` (the raw request) is kept in
-        the same row, so it costs no second write.
+        is raised here, and the event is not stored. `after(conn, id, created)` runs last in
+        it (the audit record). `received` (the raw request) is kept in the same row, so it
+        costs no second write.
         """
         row = event_row(source, dedupe_key, event, device, client_ip, payload, received)
 
         def insert(conn: sqlite3.Connection) -> tuple[str, bool]:
             if before is not None:
                 before(conn)
-            return insert_or_find(conn, row)
+            event_id, created = insert_or_find(conn, row)
+            if after is not None:
+                after(conn, event_id, created)
+            return event_id, created
 
         # Committed (with whatever other threads of this process wrote meanwhile) on return.
         return self.writer.run(insert)

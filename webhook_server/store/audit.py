@@ -1,0 +1,138 @@
+"""The audit trail: one record per request to a webhook endpoint, accepted or refused.
+
+An accepted (or redelivered) event's record is written in the transaction that stores the
+event, so the audit costs it no second transaction. Refusals fold: identical ones (same source,
+client address, status, reason and key) within one minute are one row with a count, the last
+time and the summed handling time, so a flood of one kind of refusal adds one row a minute. At
+most DISTINCT_REFUSALS_PER_MINUTE different refusals get rows of their own each minute (the
+count lives in the `counters` table, shared by every process); past that, refusals also fold
+across client addresses, into rows whose client is MANY_CLIENTS. A flood from a million
+addresses therefore adds at most that many rows a minute, plus one per kind of refusal.
+
+Every function here runs inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from webhook_server.store.counters import increment
+
+FOLD_SECONDS = 60
+DISTINCT_REFUSALS_PER_MINUTE = 500
+MANY_CLIENTS = "*"
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One request as the audit keeps it: never a payload, never a secret."""
+
+    at: float  # seconds since the epoch
+    source: str | None
+    client: str | None
+    status: int
+    reason: str | None
+    duration_ms: float
+    event_id: str | None = None
+    key: str | None = None  # the fingerprint of the secret that matched (auth.fingerprint)
+
+
+def record(conn: sqlite3.Connection, entry: AuditRecord) -> None:
+    """Keep `entry`: a row of its own when accepted, folded into its minute's row when refused."""
+    if entry.key:
+        _count_secret_use(conn, entry)
+    if entry.status < 300:
+        conn.execute(
+            "INSERT INTO audit (at, last_at, source, client, status, reason, total_ms, event_id, key)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry.at, entry.at, *_folded(entry), entry.duration_ms, entry.event_id),
+        )
+        return
+    _fold(conn, entry)
+
+
+def _folded(entry: AuditRecord, client: str | None = None) -> tuple[str, str, int, str, str]:
+    """The columns identical refusals share, '' standing for none (see store.schema)."""
+    return (
+        entry.source or "",
+        client if client is not None else entry.client or "",
+        entry.status,
+        (entry.reason or "")[:300],
+        entry.key or "",
+    )
+
+
+FOLD = (
+    "UPDATE audit SET count = count + 1, last_at = MAX(last_at, ?), total_ms = total_ms + ?"
+    " WHERE bucket = ? AND source = ? AND client = ? AND status = ? AND reason = ? AND key = ?"
+)
+INSERT_FOLD = (
+    "INSERT INTO audit (at, last_at, source, client, status, reason, key, total_ms, bucket)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (bucket, source, client, status, reason, key) WHERE bucket IS NOT NULL"
+    " DO UPDATE SET count = count + 1, last_at = MAX(last_at, excluded.last_at),"
+    " total_ms = total_ms + excluded.total_ms"
+)
+
+
+def _fold(conn: sqlite3.Connection, entry: AuditRecord) -> None:
+    bucket = int(entry.at // FOLD_SECONDS)
+    if conn.execute(FOLD, (entry.at, entry.duration_ms, bucket, *_folded(entry))).rowcount:
+        return
+    rows, _ = increment(conn, f"audit-rows:{bucket}", FOLD_SECONDS * 2)
+    columns = _folded(entry, MANY_CLIENTS if rows > DISTINCT_REFUSALS_PER_MINUTE else None)
+    conn.execute(INSERT_FOLD, (entry.at, entry.at, *columns, entry.duration_ms, bucket))
+
+
+def _count_secret_use(conn: sqlite3.Connection, entry: AuditRecord) -> None:
+    conn.execute(
+        "INSERT INTO secret_uses (source, key, matches, last_match) VALUES (?, ?, 1, ?)"
+        " ON CONFLICT (source, key) DO UPDATE SET matches = matches + 1,"
+        " last_match = MAX(last_match, excluded.last_match)",
+        (entry.source or "", entry.key, entry.at),
+    )
+
+
+def iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def as_dict(row: sqlite3.Row) -> dict[str, Any]:
+    """A record as `webhook-server audit --json` prints it (the contract's keys, then the fold's)."""
+    return {
+        "time": iso(row["at"]),
+        "source": row["source"] or None,
+        "client": row["client"] or None,
+        "status": row["status"],
+        "reason": row["reason"] or None,
+        "duration_ms": round(row["total_ms"] / row["count"], 2),
+        "event_id": str(row["event_id"]) if row["event_id"] is not None else None,
+        "key": row["key"] or None,
+        "count": row["count"],
+        "last_time": iso(row["last_at"]),
+    }
+
+
+def records(
+    conn: sqlite3.Connection, source: str | None, status: int | None, since: float | None, limit: int
+) -> list[dict[str, Any]]:
+    """Audit records, newest first: of one source, with one status, whose last request is since `since`."""
+    clauses, params = ["1 = 1"], []
+    for clause, value in (("source = ?", source), ("status = ?", status), ("last_at >= ?", since)):
+        if value is not None:
+            clauses.append(clause)
+            params.append(value)
+    rows = conn.execute(
+        f"SELECT * FROM audit WHERE {' AND '.join(clauses)} ORDER BY last_at DESC, id DESC LIMIT ?",  # noqa: S608
+        (*params, limit),
+    ).fetchall()
+    return [as_dict(row) for row in rows]
+
+
+def secret_uses(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[int, float]]:
+    """(source, fingerprint) -> (matches, time of the last match)."""
+    rows = conn.execute("SELECT source, key, matches, last_match FROM secret_uses").fetchall()
+    return {(row[0], row[1]): (int(row[2]), float(row[3])) for row in rows}
