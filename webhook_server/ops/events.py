@@ -28,14 +28,22 @@ class Since:
     received_after: str | None = None  # ISO 8601 UTC, compared as text like the column
 
 
+def duration_seconds(value: str) -> int:
+    """A DURATION such as 90s, 15m, 2h, 7d in seconds; ValueError otherwise."""
+    match = DURATION.match(value.strip())
+    if match is None:
+        raise ValueError("expected a duration such as 90s, 15m, 2h or 7d")
+    return int(match[1]) * SECONDS[match[2]]
+
+
 def parse_since(value: str, now: float | None = None) -> Since:
     """An id (digits) or a duration such as 90s, 15m, 2h, 7d; ValueError otherwise."""
     if value.isascii() and value.isdigit():
         return Since(after_id=int(value))
-    match = DURATION.match(value.strip())
-    if match is None:
-        raise ValueError("expected an event id or a duration such as 90s, 15m, 2h or 7d")
-    start = (time.time() if now is None else now) - int(match[1]) * SECONDS[match[2]]
+    try:
+        start = (time.time() if now is None else now) - duration_seconds(value)
+    except ValueError:
+        raise ValueError("expected an event id or a duration such as 90s, 15m, 2h or 7d") from None
     iso = datetime.fromtimestamp(start, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     return Since(received_after=iso)
 

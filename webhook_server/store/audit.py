@@ -46,7 +46,7 @@ def record(conn: sqlite3.Connection, entry: AuditRecord) -> None:
         _count_secret_use(conn, entry)
     if entry.status < 300:
         conn.execute(
-            "INSERT INTO audit (at, last_at, source, client, status, reason, total_ms, event_id, key)"
+            "INSERT INTO audit (at, last_at, source, client, status, reason, key, total_ms, event_id)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (entry.at, entry.at, *_folded(entry), entry.duration_ms, entry.event_id),
         )

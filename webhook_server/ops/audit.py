@@ -1,0 +1,56 @@
+"""What `webhook-server audit` and `sources` read: the audit records, and each secret's use.
+
+Read-only. `audit` prints the contract's keys (`time`, `source`, `client`, `status`, `reason`,
+`duration_ms`, `event_id`, `key`) and, for folded refusals, `count` and `last_time`; `sources`
+prints `name`, `scheme`, `path`, `secrets` (each `fingerprint`, `matches`, `last_match`, and
+the `variable` it comes from) and `targets`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from webhook_server.auth import fingerprint
+from webhook_server.ingest.sources import Source
+from webhook_server.ops.events import duration_seconds
+from webhook_server.store import audit
+from webhook_server.store.sqlite import Store
+
+BUILTIN_SECRET_NAMES = {"particle": ("PARTICLE_WEBHOOK_SECRET",), "generic": ("WEBHOOK_SECRET",)}
+
+
+def records(
+    store: Store, source: str | None, status: int | None, since: str | None, limit: int, now: float | None = None
+) -> list[dict[str, Any]]:
+    """Audit records, newest first; `since` is a DURATION (90s, 15m, 2h, 7d); ValueError otherwise."""
+    start = (time.time() if now is None else now) - duration_seconds(since) if since else None
+    return audit.records(store.connection(), source, status, start, limit)
+
+
+def source_path(name: str) -> str:
+    return "/webhook" if name == "generic" else f"/webhook/{name}"
+
+
+def describe_sources(sources: dict[str, Source], store: Store) -> list[dict[str, Any]]:
+    """Each source with its secrets by fingerprint: how often and when each last matched."""
+    uses = audit.secret_uses(store.connection())
+    described = []
+    for name, source in sorted(sources.items()):
+        variables = source.secret_names or BUILTIN_SECRET_NAMES.get(name, ())
+        secrets = []
+        for index, secret in enumerate(source.secrets):
+            key = fingerprint(secret)
+            matches, last = uses.get((name, key), (0, None))
+            secrets.append(
+                {
+                    "fingerprint": key,
+                    "matches": matches,
+                    "last_match": audit.iso(last) if last is not None else None,
+                    "variable": variables[index] if index < len(variables) else None,
+                }
+            )
+        described.append(
+            {"name": name, "scheme": source.scheme, "path": source_path(name), "secrets": secrets, "targets": []}
+        )
+    return described
