@@ -17,6 +17,7 @@ from webhook_server.delivery.queue import DeliveryQueue
 from webhook_server.delivery.worker import SignalStop, Worker
 from webhook_server.ingest.send import send_test_event
 from webhook_server.live import listen as live_listen
+from webhook_server.ops import audit as audit_view
 from webhook_server.ops import events as stored_events
 from webhook_server.ops import supervisor
 from webhook_server.ops.logs import configure_logging
@@ -220,7 +221,9 @@ def check_config() -> None:
     settings = load_or_exit()
     click.echo("Configuration is valid.")
     for name, source in sorted(settings.sources.items()):
-        click.echo(f"  source {name}: {source.scheme}, {len(source.secrets)} secret(s)")
+        only = f", notifies {', '.join(source.events)} only" if source.events else ""
+        window = f", cool-down {source.cooldown_seconds} s" if source.cooldown_seconds is not None else ""
+        click.echo(f"  source {name}: {source.scheme}, {len(source.secrets)} secret(s){only}{window}")
     if settings.smtp:
         smtp = settings.smtp
         click.echo(f"  email: {smtp.host}:{smtp.port} ({smtp.security}) to {len(settings.recipients)} recipient(s)")
@@ -299,6 +302,52 @@ def events_replay(event_id: int) -> None:
         click.echo(f"webhook-server: no event {event_id} (see `webhook-server events`)", err=True)
         sys.exit(1)
     click.echo(f"Queued {count} new deliveries for event {event_id}; the delivery worker sends them.")
+
+
+@main.command("audit")
+@click.option("--source", default=None, help="Only this source's records.")
+@click.option("--status", type=click.IntRange(100, 599), default=None, metavar="CODE", help="Only this status.")
+@click.option("--since", default=None, metavar="DURATION", help="Within 90s, 15m, 2h, 7d.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit(source: str | None, status: int | None, since: str | None, limit: int, as_json: bool) -> None:
+    """Every request to a webhook endpoint, newest first: accepted or refused, and why."""
+    settings = load_or_exit()
+    try:
+        found = audit_view.records(Store(settings.database_path), source, status, since, limit)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    if as_json:
+        for entry in found:
+            click.echo(json.dumps(entry, ensure_ascii=False))
+        return
+    click.echo(
+        f"{'time (UTC)':<24}  {'source':<12}  {'client':<15}  status  {'ms':>7}  {'event':>7}  key       count  reason"
+    )
+    for e in found:
+        line = f"{e['time']:<24}  {(e['source'] or '-')[:12]:<12}  {(e['client'] or '-')[:15]:<15}  {e['status']:>6}"
+        line += f"  {e['duration_ms']:>7.1f}  {e['event_id'] or '-':>7}  {e['key'] or '-':<8}  {e['count']:>5}"
+        click.echo(f"{line}  {e['reason'] or ''}")
+    if not found:
+        click.echo("No audit records.")
+
+
+@main.command("sources")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per source, one per line.")
+def sources(as_json: bool) -> None:
+    """Each source: scheme, path, and each secret's fingerprint with its last match and count."""
+    settings = load_or_exit()
+    described = audit_view.describe_sources(settings.sources, Store(settings.database_path))
+    if as_json:
+        for entry in described:
+            click.echo(json.dumps(entry, ensure_ascii=False))
+        return
+    for entry in described:
+        targets = ", ".join(entry["targets"]) or "none"
+        click.echo(f"{entry['name']}: {entry['scheme']} at {entry['path']} (forwarded to: {targets})")
+        for secret in entry["secrets"]:
+            uses = f"{secret['matches']:>8} matches, last {secret['last_match'] or 'never'}"
+            click.echo(f"  {secret['fingerprint']}  {secret['variable'] or '-':<28}  {uses}")
 
 
 @main.group("dead-letters", invoke_without_command=True)

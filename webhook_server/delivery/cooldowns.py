@@ -33,10 +33,19 @@ class Cooldowns:
         source = self.settings.sources.get(source_name)
         return source.recipients if source is not None else None
 
+    def _window_seconds(self, source_name: str) -> float:
+        """The source's own `cooldown_seconds` when it sets one, else ALERT_COOLDOWN_SECONDS."""
+        source = self.settings.sources.get(source_name)
+        if source is None or source.cooldown_seconds is None:
+            return self.settings.alert_cooldown_seconds
+        return float(source.cooldown_seconds)
+
     def admit(self, conn: sqlite3.Connection, row: sqlite3.Row) -> None:
         """A new event: an alert and a new window, or one more repeat in an open window."""
         source = self.settings.sources.get(row["source"])
-        if source is not None and not source.notify:
+        # notify = false or an `events` filter that leaves this name out: no delivery, and no
+        # window opened or counted, so a filtered-out event cannot hold back a later alert.
+        if source is not None and not source.notifies(row["event"]):
             return
         received = epoch(row["received_at"])
         key = (row["source"], row["event"], row["device"])
@@ -51,11 +60,12 @@ class Cooldowns:
         if window is not None:
             self.close(conn, window)
         self.add(conn, row["id"], "alert", self._recipients(row["source"]), 0, None)
-        if self.settings.alert_cooldown_seconds > 0:
+        seconds = self._window_seconds(row["source"])
+        if seconds > 0:
             conn.execute(
                 "INSERT INTO cooldowns (source, event, device, opened_at, closes_at, first_event_id,"
                 " last_event_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (*key, received, received + self.settings.alert_cooldown_seconds, row["id"], row["id"]),
+                (*key, received, received + seconds, row["id"], row["id"]),
             )
 
     def close_ended(self, conn: sqlite3.Connection, now: float | None = None) -> int:

@@ -105,14 +105,15 @@ class DeliveryQueue:
         )
 
     def replay_event(self, event_id: int) -> int | None:
-        """The event's notifications again, as new alert deliveries past any cool-down; how many
-        (0 for a source that does not notify), or None when there is no such event."""
+        """The event's notifications again, as new alert deliveries past any cool-down; how many, or
+        None when there is no such event. 0 when the source does not notify it (notify = false, or
+        its `events` filter, as it is now, leaves the name out): a replay sends what arrival would."""
         with self.store.transaction() as conn:
-            row = conn.execute("SELECT source FROM events WHERE id = ?", (event_id,)).fetchone()
+            row = conn.execute("SELECT source, event FROM events WHERE id = ?", (event_id,)).fetchone()
             if row is None:
                 return None
             source = self.settings.sources.get(row["source"])
-            if source is not None and not source.notify:
+            if source is not None and not source.notifies(row["event"]):
                 return 0
             before = conn.total_changes
             self.add_deliveries(conn, event_id, "alert", source.recipients if source is not None else None)

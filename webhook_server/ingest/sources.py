@@ -8,6 +8,7 @@ a schema cannot say (a rate limit that parses, a CIDR range, a secret that is se
 from __future__ import annotations
 
 import copy
+import fnmatch
 import functools
 import ipaddress
 import json
@@ -47,6 +48,15 @@ class Source:
     notify: bool = True
     signature_header: str | None = None
     secret_names: tuple[str, ...] = ()  # the variables the secrets came from (SOURCES_FILE)
+    events: tuple[str, ...] | None = None  # glob patterns on the event name; None: every event
+    cooldown_seconds: int | None = None  # None: ALERT_COOLDOWN_SECONDS
+
+    def notifies(self, event_name: str) -> bool:
+        """True when this source notifies at all and the event's name passes its `events` filter."""
+        if not self.notify:
+            return False
+        # Case-sensitive on every platform: event names are identifiers, not file names.
+        return self.events is None or any(fnmatch.fnmatchcase(event_name, p) for p in self.events)
 
     def allows(self, address: str) -> bool:
         """True when there is no allow-list or the address is inside it."""
@@ -175,6 +185,8 @@ def _source(
         notify=spec.get("notify", True),
         signature_header=spec.get("signature_header"),
         secret_names=tuple(names),
+        events=tuple(spec["events"]) if "events" in spec else None,
+        cooldown_seconds=_cooldown(spec.get("cooldown_seconds"), problems, where),
     )
     return source if len(problems) == before else None
 
@@ -201,6 +213,15 @@ def _checked(value: Any, parse: Callable[[str], Any], message: str, problems: li
     except ValueError:
         problems.append(f"{where}: {message}")
         return None
+
+
+def _cooldown(seconds: int | float | None, problems: list[str], where: str) -> int | None:
+    """`cooldown_seconds` as a whole number, or None (with a problem for a float)."""
+    # JSON Schema counts 300.0 as an integer; TOML says it is a float, and the key wants a whole number.
+    if isinstance(seconds, float):
+        problems.append(f"{where}: cooldown_seconds must be a whole number of seconds, 0 or more")
+        return None
+    return seconds
 
 
 def _recipients(recipients: list[str] | None, problems: list[str], where: str) -> tuple[str, ...] | None:
