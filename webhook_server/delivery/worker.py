@@ -19,12 +19,17 @@ from webhook_server.ops.metrics import record_delivery
 from webhook_server.settings import Settings
 from webhook_server.store.counters import SQLiteStorage, storage_uri
 from webhook_server.store.records import Notification
+from webhook_server.store.retention import Purged, purge
 from webhook_server.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 
 SEND_CONCURRENCY = 4
 HOUSEKEEPING_SECONDS = 60.0
+# The first pass waits a little, so a restart first sends what queued up while it was down.
+FIRST_HOUSEKEEPING_SECONDS = 5.0
+# A pass that stopped at its bound with old rows left (a large backlog) is followed sooner.
+CATCH_UP_SECONDS = 2.0
 
 
 def recipient_domain(recipient: str) -> str:
@@ -52,6 +57,17 @@ def log_sent(notification: Notification, since_receipt: float) -> None:
             "tries": n.attempt,
             "latency_ms": round(since_receipt * 1000, 1),
         },
+    )
+
+
+def log_purged(purged: Purged) -> None:
+    """One info line per housekeeping pass that removed anything."""
+    log.info(
+        "retention removed %s events, %s deliveries and %s audit records",
+        purged.events,
+        purged.deliveries,
+        purged.audit,
+        extra={"events": purged.events, "deliveries": purged.deliveries, "audit_records": purged.audit},
     )
 
 
@@ -141,27 +157,30 @@ class Worker:
         log_sent(notification, since_receipt)
         return "sent"
 
-    def housekeeping(self) -> None:
-        """Drop rate-limit windows that ended, so the counters file stays small."""
-        if self.settings.redis_url:
-            return  # Redis expires its own keys
-        storage = SQLiteStorage(storage_uri(self.settings.database_path, None))
-        removed = storage.purge_expired()
-        if removed:
-            log.debug("purged %s expired rate-limit counters", removed)
+    def housekeeping(self) -> bool:
+        """Retention, and expired rate-limit windows; True when old rows are left for another pass."""
+        purged = purge(self.store, self.settings.event_retention_days, self.settings.audit_retention_days, self.clock())
+        if purged.removed:
+            log_purged(purged)
+        if not self.settings.redis_url:  # Redis expires its own keys
+            storage = SQLiteStorage(storage_uri(self.settings.database_path, None))
+            removed = storage.purge_expired()
+            if removed:
+                log.debug("purged %s expired rate-limit counters", removed)
+        return purged.more
 
     def run(self, stop: Stopper) -> None:
         """Loop until `stop` is set; a store error is logged and retried, never fatal."""
         log.info("delivery worker started (poll every %ss)", self.settings.worker_poll_seconds)
-        next_housekeeping = 0.0
+        next_housekeeping = time.monotonic() + FIRST_HOUSEKEEPING_SECONDS
         while not stop.is_set():
             try:
                 busy = self.run_once()
                 # The web processes leave WAL checkpoints to us (see store.Checkpointer).
                 self.store.checkpointer.maybe(self.store.connection())
                 if time.monotonic() >= next_housekeeping:
-                    self.housekeeping()
-                    next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+                    more = self.housekeeping()
+                    next_housekeeping = time.monotonic() + (CATCH_UP_SECONDS if more else HOUSEKEEPING_SECONDS)
             except sqlite3.Error as exc:
                 log.error("store error in worker: %s", exc)
                 busy = 0

@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_attempt_at) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries(id) WHERE status = 'dead';
+-- Retention deletes events with their deliveries: without it every event deleted made SQLite scan
+-- all of `deliveries` for the foreign key (a 500-event batch took 701 ms instead of 17 ms).
+CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries(event_id);
 
 -- Rate-limit windows (ratelimit.SQLiteStorage), here so that an accepted event is counted in
 -- the transaction that stores it.

@@ -1,0 +1,161 @@
+"""Retention: events older than EVENT_RETENTION_DAYS go, with their deliveries, and audit rows
+whose last request is older than AUDIT_RETENTION_DAYS; 0 keeps them forever.
+
+The delivery worker calls `purge` from its housekeeping (about once a minute). Rows go in
+batches of BATCH_ROWS, each its own short BEGIN IMMEDIATE transaction with a pause after it, so
+a web process waiting to write gets the lock within one batch (a few ms, docs/benchmarks.md);
+at most MAX_BATCHES a table per call, so a large backlog (the first run on an old store) is
+worked off over several calls rather than in one long stall of the worker's loop.
+
+Events go strictly oldest id first, and stop at the first one that must stay: one waiting to be
+dispatched, one a cool-down window points at (its repeats become a summary on that window's
+event), or one with a pending delivery (deleting it would lose that notification). So what is
+kept is always every event from MIN(id) on, and `Store.id_bounds` tells a live-stream cursor
+older than that it missed something. Such a hold lasts seconds to hours (a window, the retry
+schedule), never for good.
+
+No auto_vacuum, no `incremental_vacuum`: measured with `./dev bench retention` (20,000 events
+a day, 3 days kept; docs/benchmarks.md), the file stops growing once the retention period is full,
+because SQLite reuses freed pages for new rows: purged once a minute, it went from 240.0 to 240.3 MB
+between day 5 and day 10 (freelist 17-36 pages after a purge); with an incremental vacuum after
+every purge, 240.3 to 240.4 MB. Purged once a day, the freelist held a day of rows (21,800 pages) and the
+vacuum gave 85 MB back, but the next day's rows took it again: the peak was 343 MB either way.
+Returning pages only for the file to grow again buys nothing, costs a write-locked transaction per
+vacuum (0.14 s for a day's pages), and an existing store would need a full VACUUM (a rewrite of the
+whole file under the write lock) to switch auto_vacuum on at all.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from webhook_server.store.sqlite import Store
+
+BATCH_ROWS = 500
+MAX_BATCHES = 20  # a table, per call: 10,000 rows, well under a second of the worker's loop
+PAUSE_SECONDS = 0.005  # between batches: long enough for waiting writers to take the lock
+DAY_SECONDS = 86400
+
+# The lowest event id that must be kept (NULL: none must). MIN ignores NULLs. `+event_id` keeps
+# SQLite off deliveries_event (it walked every sent delivery, oldest first, looking for a pending
+# one: 7 ms a call at 100,000 deliveries), so it reads the few pending rows (deliveries_due).
+KEEP_FROM = """
+SELECT MIN(id) FROM (
+    SELECT MIN(id) AS id FROM events WHERE dispatched = 0
+    UNION ALL SELECT MIN(first_event_id) FROM cooldowns
+    UNION ALL SELECT MIN(last_event_id) FROM cooldowns
+    UNION ALL SELECT MIN(+event_id) FROM deliveries WHERE status = 'pending'
+)
+"""
+
+
+@dataclass(frozen=True)
+class Purged:
+    """What one `purge` removed; `more` when it stopped at its bound with old rows left."""
+
+    events: int = 0
+    deliveries: int = 0
+    audit: int = 0
+    more: bool = False
+
+    @property
+    def removed(self) -> bool:
+        return bool(self.events or self.deliveries or self.audit)
+
+
+def cutoff_seconds(now: float, days: int) -> float | None:
+    """The epoch time before which rows are old, or None when nothing can be (0: forever)."""
+    if days <= 0 or days * DAY_SECONDS >= now:
+        return None
+    return now - days * DAY_SECONDS
+
+
+def iso(at: float) -> str:
+    """`at` as events' `received_at` is written, so text order is time order."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def event_batch(conn: sqlite3.Connection, before: str, limit: int) -> tuple[int, int]:
+    """Delete up to `limit` of the oldest events received before `before`, with their
+    deliveries, stopping at the first one that must be kept; returns (events, deliveries)."""
+    keep_from = conn.execute(KEEP_FROM).fetchone()[0]
+    rows = conn.execute(
+        "SELECT id, received_at FROM events WHERE id < ? ORDER BY id LIMIT ?",
+        (keep_from if keep_from is not None else 2**63 - 1, limit),
+    )
+    last = None
+    for row in rows:  # row by row: a pass with nothing old reads one row, not `limit`
+        if row[1] >= before:  # ids follow receipt: nothing after this one is older
+            break
+        last = row[0]
+    if last is None:
+        return 0, 0
+    # The rows read are every event up to `last`, so ranges delete exactly them.
+    deliveries = conn.execute("DELETE FROM deliveries WHERE event_id <= ?", (last,)).rowcount
+    events = conn.execute("DELETE FROM events WHERE id <= ?", (last,)).rowcount
+    return events, deliveries
+
+
+def audit_batch(conn: sqlite3.Connection, before: float, limit: int) -> int:
+    """Delete up to `limit` audit rows whose last request was before `before` (by index audit_last)."""
+    return conn.execute(
+        "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE last_at < ? ORDER BY last_at LIMIT ?)",
+        (before, limit),
+    ).rowcount
+
+
+def purge_events(store: Store, before: str, batch: int, max_batches: int, pause: float) -> tuple[int, int, bool]:
+    """Event batches until none is full or `max_batches` ran; (events, deliveries, more left)."""
+    events = deliveries = 0
+    for number in range(max_batches):
+        if number:
+            time.sleep(pause)
+        with store.transaction() as conn:
+            removed, dropped = event_batch(conn, before, batch)
+        # A batch is about 2 MB of WAL; on the worker's 0.5 s timer a pass grew the WAL by 60 MB.
+        # PASSIVE never waits, and holds no write lock.
+        with suppress(sqlite3.Error):
+            store.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        events, deliveries = events + removed, deliveries + dropped
+        if removed < batch:
+            return events, deliveries, False
+    return events, deliveries, True
+
+
+def purge_audit(store: Store, before: float, batch: int, max_batches: int, pause: float) -> tuple[int, bool]:
+    """Audit batches until none is full or `max_batches` ran; (rows, more left)."""
+    removed = 0
+    for number in range(max_batches):
+        if number:
+            time.sleep(pause)
+        with store.transaction() as conn:
+            rows = audit_batch(conn, before, batch)
+        store.checkpointer.maybe(store.connection())
+        removed += rows
+        if rows < batch:
+            return removed, False
+    return removed, True
+
+
+def purge(
+    store: Store,
+    event_days: int,
+    audit_days: int,
+    now: float | None = None,
+    batch: int = BATCH_ROWS,
+    max_batches: int = MAX_BATCHES,
+    pause: float = PAUSE_SECONDS,
+) -> Purged:
+    """Remove what is older than the retention periods at `now` (epoch seconds), a bounded amount."""
+    now = time.time() if now is None else now
+    events = deliveries = audit = 0
+    more_events = more_audit = False
+    if (event_cutoff := cutoff_seconds(now, event_days)) is not None:
+        events, deliveries, more_events = purge_events(store, iso(event_cutoff), batch, max_batches, pause)
+    if (audit_cutoff := cutoff_seconds(now, audit_days)) is not None:
+        audit, more_audit = purge_audit(store, audit_cutoff, batch, max_batches, pause)
+    return Purged(events, deliveries, audit, more_events or more_audit)
