@@ -61,28 +61,33 @@ def trickle(port: int, secret: str, count: int, start: int = 0, pause: float = 0
     return result
 
 
-def flood(port: int, total: int, threads: int = 6) -> tuple[Counter[int], float]:
-    """`total` requests with a wrong token from ATTACKER; (statuses, seconds taken)."""
+def attacker(n: int, addresses: int) -> str:
+    """The address of request `n`: ATTACKER, or one of `addresses` in 10.0.0.0/8 (a botnet)."""
+    if addresses <= 1:
+        return ATTACKER
+    k = n % addresses
+    return f"10.{k >> 16 & 255}.{k >> 8 & 255}.{k & 255}"
+
+
+def flood(port: int, total: int, threads: int = 6, addresses: int = 1) -> tuple[Counter[int], float]:
+    """`total` requests with a wrong token from ATTACKER (or `addresses` of them); (statuses, seconds)."""
     statuses: Counter[int] = Counter()
     lock = threading.Lock()
-    headers = {
-        "Authorization": "Bearer guessing-0123456789abcdef",
-        "Content-Type": "application/json",
-        "X-Forwarded-For": ATTACKER,
-    }
+    headers = {"Authorization": "Bearer guessing-0123456789abcdef", "Content-Type": "application/json"}
     body = json.dumps({"event": "x", "data": "1", "coreid": "c", "published_at": "2026-12-01T10:00:00Z"}).encode()
 
-    def run(share: int) -> None:
+    def run(share: int, first: int) -> None:
         mine: Counter[int] = Counter()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        for _ in range(share):
-            mine[post(conn, body, headers)] += 1
+        for n in range(first, first + share):
+            mine[post(conn, body, {**headers, "X-Forwarded-For": attacker(n, addresses)})] += 1
         conn.close()
         with lock:
             statuses.update(mine)
 
     began = time.perf_counter()
-    workers = [threading.Thread(target=run, args=(total // threads + (i < total % threads),)) for i in range(threads)]
+    shares = [total // threads + (i < total % threads) for i in range(threads)]
+    workers = [threading.Thread(target=run, args=(share, sum(shares[:i]))) for i, share in enumerate(shares)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -90,13 +95,15 @@ def flood(port: int, total: int, threads: int = 6) -> tuple[Counter[int], float]
     return statuses, time.perf_counter() - began
 
 
-def during_flood(port: int, secret: str, total: int, events: int) -> tuple[Trickle, Counter[int], float]:
+def during_flood(
+    port: int, secret: str, total: int, events: int, addresses: int = 1, start: int = 10_000
+) -> tuple[Trickle, Counter[int], float]:
     """A trickle of `events` real ones while `total` refused requests flood in."""
     box: dict[str, tuple[Counter[int], float]] = {}
-    attacker = threading.Thread(target=lambda: box.update(result=flood(port, total)))
-    attacker.start()
+    attack = threading.Thread(target=lambda: box.update(result=flood(port, total, addresses=addresses)))
+    attack.start()
     time.sleep(0.3)  # the flood is under way
-    accepted = trickle(port, secret, events, start=10_000)
-    attacker.join()
+    accepted = trickle(port, secret, events, start=start)
+    attack.join()
     statuses, seconds = box["result"]
     return accepted, statuses, seconds

@@ -55,7 +55,20 @@ class Server:
         )
         if self.command in ("serve", "web"):
             self.wait_healthy(timeout)
+            self.wait_workers_ready(timeout)
         return self
+
+    def wait_workers_ready(self, timeout: float) -> None:
+        """Every Gunicorn worker booted: /health answers from the first one, and a test that needs
+        both (or signals them) must not race a second still booting on a loaded machine."""
+        workers = int(self.env.get("WEB_CONCURRENCY", "2"))
+        if self.env.get("LOG_LEVEL", "info").lower() not in ("debug", "info"):
+            return  # the line is not written
+        deadline = time.monotonic() + timeout
+        while self.output().count("Worker ready") < workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{workers} workers not ready after {timeout}s:\n{self.output()}")
+            time.sleep(0.05)
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
