@@ -26,7 +26,17 @@ from tests.conftest import (
     signed_headers,
 )
 from webhook_server.cli import main
-from webhook_server.store.audit import DISTINCT_REFUSALS_PER_MINUTE, MANY_CLIENTS, AuditRecord, record
+from webhook_server.store.audit import (
+    DISTINCT_REFUSALS_PER_MINUTE,
+    MANY_CLIENTS,
+    AuditRecord,
+    first_id_since,
+    record,
+    roll_up,
+    secret_uses,
+)
+from webhook_server.store.audit import records as audit_records
+from webhook_server.store.retention import purge
 from webhook_server.store.sqlite import Store
 
 TIGHT_SECRET = "tight-secret-0123456789"
@@ -317,3 +327,49 @@ def test_rotation_the_old_secrets_count_stops_growing_once_senders_move(
     after = secret_counts(rotated, "tight")
     assert list(after) == [fingerprint("tight-secret-rotated-0123456789"), new]
     assert after[new][0] == 2
+
+
+def test_records_since_a_time_are_found_without_an_index_on_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "events.sqlite3")
+    start = 1_800_000_000.0
+    with store.transaction() as conn:
+        for n in range(100):  # one accepted request every 10 s
+            entry = AuditRecord(
+                at=start + 10 * n,
+                source="particle",
+                client="a",
+                status=202,
+                reason=None,
+                duration_ms=1.0,
+                event_id=str(n + 1),
+            )
+            record(conn, entry)
+    assert first_id_since(store.connection(), start + 505) == 52  # the record at start + 510
+    assert first_id_since(store.connection(), start - 1) == 1
+    assert first_id_since(store.connection(), start + 10_000) == 101
+    # A refusal folded since start + 985 (its first request) until start + 1005.
+    record_refusal(store, start + 985, "b")
+    record_refusal(store, start + 1005, "b")
+    found = audit_records(store.connection(), None, None, start + 995, 100)
+    assert [r["event_id"] for r in found] == [None]  # the fold row only: the last accepted was at + 990
+    found = audit_records(store.connection(), None, 202, start + 900, 100)
+    assert [r["event_id"] for r in found] == [str(n) for n in range(100, 90, -1)]
+    assert first_id_since(Store(tmp_path / "empty.sqlite3").connection(), start) == 1
+
+
+def test_secret_counts_are_rolled_up_and_outlive_the_audit_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path / "events.sqlite3")
+    now = 1_800_000_000.0
+    with store.transaction() as conn:
+        for n, age in enumerate((900, 600, 300, 30)):  # the last one may still fold: not rolled up
+            record(conn, AuditRecord(now - age, "tight", "a", 202, None, 1.0, str(n + 1), key="k-old"))
+        record(conn, AuditRecord(now - 5, "tight", "a", 422, "schema violation at /x", 1.0, key="k-new"))
+    expected = {("tight", "k-old"): (4, now - 30), ("tight", "k-new"): (1, now - 5)}
+    assert secret_uses(store.connection()) == expected
+    with store.transaction() as conn:
+        assert roll_up(conn, now) == 3 and roll_up(conn, now) == 3  # idempotent
+    assert secret_uses(store.connection()) == expected
+    assert store.connection().execute("SELECT matches FROM secret_uses").fetchall()[0][0] == 3
+    # Retention takes the rolled-up rows only; the counts stay whole.
+    assert purge(store, 0, 1, now=now + 86_400 + 200).audit == 5
+    assert secret_uses(store.connection()) == expected

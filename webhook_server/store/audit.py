@@ -42,8 +42,6 @@ class AuditRecord:
 
 def record(conn: sqlite3.Connection, entry: AuditRecord) -> None:
     """Keep `entry`: a row of its own when accepted, folded into its minute's row when refused."""
-    if entry.key:
-        _count_secret_use(conn, entry)
     if entry.status < 300:
         conn.execute(
             "INSERT INTO audit (at, last_at, source, client, status, reason, key, total_ms, event_id)"
@@ -87,15 +85,6 @@ def _fold(conn: sqlite3.Connection, entry: AuditRecord) -> None:
     conn.execute(INSERT_FOLD, (entry.at, entry.at, *columns, entry.duration_ms, bucket))
 
 
-def _count_secret_use(conn: sqlite3.Connection, entry: AuditRecord) -> None:
-    conn.execute(
-        "INSERT INTO secret_uses (source, key, matches, last_match) VALUES (?, ?, 1, ?)"
-        " ON CONFLICT (source, key) DO UPDATE SET matches = matches + 1,"
-        " last_match = MAX(last_match, excluded.last_match)",
-        (entry.source or "", entry.key, entry.at),
-    )
-
-
 def iso(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -116,23 +105,83 @@ def as_dict(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
+def first_id_since(conn: sqlite3.Connection, at: float) -> int:
+    """About the first id whose record began at `at` or later (one past the newest when none did).
+
+    Rows are added in time order, give or take the milliseconds a commit waits, so a binary
+    search over ids finds it in a few dozen primary-key lookups; an index on the time would cost
+    every accepted event's commit a page.
+    """
+    low, high = conn.execute("SELECT COALESCE(MIN(id), 1), COALESCE(MAX(id), 0) + 1 FROM audit").fetchone()
+    while low < high:
+        middle = (low + high) // 2
+        row = conn.execute("SELECT id, at FROM audit WHERE id >= ? ORDER BY id LIMIT 1", (middle,)).fetchone()
+        if row is None or row[1] >= at:
+            high = middle
+        else:
+            low = row[0] + 1
+    return int(low)
+
+
 def records(
     conn: sqlite3.Connection, source: str | None, status: int | None, since: float | None, limit: int
 ) -> list[dict[str, Any]]:
     """Audit records, newest first: of one source, with one status, whose last request is since `since`."""
     clauses, params = ["1 = 1"], []
-    for clause, value in (("source = ?", source), ("status = ?", status), ("last_at >= ?", since)):
+    # A folded row began at most FOLD_SECONDS before its last request.
+    start = first_id_since(conn, since - FOLD_SECONDS) if since is not None else None
+    for clause, value in (("source = ?", source), ("status = ?", status), ("id >= ?", start), ("last_at >= ?", since)):
         if value is not None:
             clauses.append(clause)
             params.append(value)
     rows = conn.execute(
-        f"SELECT * FROM audit WHERE {' AND '.join(clauses)} ORDER BY last_at DESC, id DESC LIMIT ?",  # noqa: S608
+        f"SELECT * FROM audit WHERE {' AND '.join(clauses)} ORDER BY id DESC LIMIT ?",  # noqa: S608
         (*params, limit),
     ).fetchall()
     return [as_dict(row) for row in rows]
 
 
+USES_BY_KEY = (
+    "SELECT source, key, SUM(count) AS matches, MAX(last_at) AS last_match FROM audit"
+    " WHERE id > ? AND id <= ? AND key != '' GROUP BY source, key"
+)
+
+
+def rolled_up_through(conn: sqlite3.Connection) -> int:
+    """The last audit id that `secret_uses` counts (0: none yet)."""
+    row = conn.execute("SELECT through_id FROM audit_rollup WHERE id = 1").fetchone()
+    return int(row[0]) if row else 0
+
+
+def roll_up(conn: sqlite3.Connection, now: float) -> int:
+    """Add to `secret_uses` the audit rows that can no longer change (their minute of folding
+    is over); returns the new `through_id`. Runs in the delivery worker, in its transaction."""
+    through = rolled_up_through(conn)
+    settled = first_id_since(conn, now - 2 * FOLD_SECONDS) - 1
+    if settled <= through:
+        return through
+    conn.execute(
+        f"INSERT INTO secret_uses (source, key, matches, last_match) {USES_BY_KEY}"
+        " ON CONFLICT (source, key) DO UPDATE SET matches = matches + excluded.matches,"
+        " last_match = MAX(last_match, excluded.last_match)",
+        (through, settled),
+    )
+    conn.execute(
+        "INSERT INTO audit_rollup (id, through_id) VALUES (1, ?)"
+        " ON CONFLICT (id) DO UPDATE SET through_id = excluded.through_id",
+        (settled,),
+    )
+    return settled
+
+
 def secret_uses(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[int, float]]:
-    """(source, fingerprint) -> (matches, time of the last match)."""
-    rows = conn.execute("SELECT source, key, matches, last_match FROM secret_uses").fetchall()
-    return {(row[0], row[1]): (int(row[2]), float(row[3])) for row in rows}
+    """(source, fingerprint) -> (matches, time of the last match): what is rolled up, plus the
+    audit rows since (a few minutes' worth while a worker runs)."""
+    uses = {
+        (row[0], row[1]): (int(row[2]), float(row[3]))
+        for row in conn.execute("SELECT source, key, matches, last_match FROM secret_uses")
+    }
+    for row in conn.execute(USES_BY_KEY, (rolled_up_through(conn), 2**63 - 1)):
+        matches, last = uses.get((row[0], row[1]), (0, 0.0))
+        uses[(row[0], row[1])] = (matches + int(row[2]), max(last, float(row[3])))
+    return uses

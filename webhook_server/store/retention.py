@@ -33,6 +33,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from webhook_server.store.audit import first_id_since, roll_up, rolled_up_through
 from webhook_server.store.sqlite import Store
 
 BATCH_ROWS = 500
@@ -101,10 +102,15 @@ def event_batch(conn: sqlite3.Connection, before: str, limit: int) -> tuple[int,
 
 
 def audit_batch(conn: sqlite3.Connection, before: float, limit: int) -> int:
-    """Delete up to `limit` audit rows whose last request was before `before` (by index audit_last)."""
+    """Delete up to `limit` audit rows whose last request was before `before`, oldest first.
+
+    Only rows that began before it can be old; ids follow time, so they are the ids below
+    `first_id_since(before)` (found without an index on the time; see store.audit)."""
+    # Never a row the secrets' counts do not include yet (see store.audit.roll_up).
+    bound = min(first_id_since(conn, before), rolled_up_through(conn) + 1)
     return conn.execute(
-        "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE last_at < ? ORDER BY last_at LIMIT ?)",
-        (before, limit),
+        "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE id < ? AND last_at < ? ORDER BY id LIMIT ?)",
+        (bound, before, limit),
     ).rowcount
 
 
@@ -152,6 +158,8 @@ def purge(
 ) -> Purged:
     """Remove what is older than the retention periods at `now` (epoch seconds), a bounded amount."""
     now = time.time() if now is None else now
+    with store.transaction() as conn:  # what the secrets' counts need of the audit, before it goes
+        roll_up(conn, now)
     events = deliveries = audit = 0
     more_events = more_audit = False
     if (event_cutoff := cutoff_seconds(now, event_days)) is not None:
