@@ -346,7 +346,8 @@ def sources(as_json: bool) -> None:
         targets = ", ".join(entry["targets"]) or "none"
         click.echo(f"{entry['name']}: {entry['scheme']} at {entry['path']} (forwarded to: {targets})")
         for secret in entry["secrets"]:
-            uses = f"{secret['matches']:>8} matches, last {secret['last_match'] or 'never'}"
+            count = secret["matches"]
+            uses = f"{count:>8} match{'' if count == 1 else 'es'}, last {secret['last_match'] or 'never'}"
             click.echo(f"  {secret['fingerprint']}  {secret['variable'] or '-':<28}  {uses}")
 
 
