@@ -688,7 +688,7 @@ def test_contract_settings_not_built_yet_are_said_not_ignored(tmp_path: Path) ->
         ('[source.github]\nscheme = "bearer"\n', "unknown tables source"),
         ('[sources.a]\nscheme = "bearer"\nsecrets = ["A_SECRET"]\n[sorces.b]\nscheme = "bearer"\n', "sorces"),
         ('[target.billing]\nurl = "https://x"\n', "unknown tables target"),
-        ('[targets.billing]\nurl = "https://x"\n', "[targets]: forwarding targets are not built"),
+        ('[targets.billing]\nurl = "https://x"\n', "[targets.billing]: sources, secret are required"),
     ],
 )
 def test_unknown_top_level_tables_in_sources_file_are_refused(tmp_path: Path, text: str, expected: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from dotenv import dotenv_values
 
 from webhook_server import values as v
+from webhook_server.delivery.targets import Target
 from webhook_server.ingest.sources import Source, builtin_sources, load_sources_file
 
 
@@ -313,6 +314,7 @@ class Settings:
     worker_poll_seconds: float
     log_level: str
     web_threads: int
+    targets: dict[str, Target] = field(default_factory=dict)  # SOURCES_FILE's [targets.NAME]
     extra: dict[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()  # said at start; nothing here stops the server
 
@@ -389,7 +391,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     """Validate `env` (see `read_environment`) into `Settings`, or raise `ConfigError`."""
     reader = Reader(env)
     values = {setting.name: reader.value(setting) for setting in SETTINGS}
-    sources = _sources(values, reader)
+    sources, targets = _sources(values, reader)
     smtp = _smtp(values, reader.problems)
     recipients = _recipients(values, env, smtp is not None, reader.problems)
     if reader.problems:
@@ -398,8 +400,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     # A send may take several SMTP timeouts (connect, TLS, each command): the lease must outlast it.
     default_lease = max(60.0, 4 * smtp.timeout) if smtp else 60.0
     referenced = {name for source in sources.values() for name in source.secret_names}
+    referenced |= {target.secret_name for target in targets.values()}
     return Settings(
         sources=sources,
+        targets=targets,
         smtp=smtp,
         recipients=recipients,
         delivery_lease_seconds=lease if lease is not None else default_lease,
@@ -408,16 +412,20 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     )
 
 
-def _sources(values: dict[str, Any], reader: Reader) -> dict[str, Source]:
+def _sources(values: dict[str, Any], reader: Reader) -> tuple[dict[str, Source], dict[str, Target]]:
+    """The built-in sources, and what SOURCES_FILE declares: more sources and the forwarding targets."""
     sources = builtin_sources(values["PARTICLE_WEBHOOK_SECRET"], values["WEBHOOK_SECRET"])
+    targets: dict[str, Target] = {}
     if values["SOURCES_FILE"]:
-        sources.update(load_sources_file(values["SOURCES_FILE"], reader.secret, reader.problems, sources))
+        declared = load_sources_file(values["SOURCES_FILE"], reader.secret, reader.problems, sources)
+        sources.update(declared.sources)
+        targets = declared.targets
     if not sources and not reader.problems:
         reader.problems.append(
             "no source is enabled: set PARTICLE_WEBHOOK_SECRET, WEBHOOK_SECRET or SOURCES_FILE "
             "(`webhook-server init` writes a .env with fresh secrets)"
         )
-    return sources
+    return sources, targets
 
 
 def _recipients(values: dict[str, Any], env: Mapping[str, str], smtp: bool, problems: list[str]) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 The two built-in sources come from the environment; more are declared in a TOML file
 (`SOURCES_FILE`), checked against a JSON Schema (`schemas/sources-file.json`) and then for what
 a schema cannot say (a rate limit that parses, a CIDR range, a secret that is set and long).
+The same file declares the forwarding targets (`[targets.NAME]`, see `delivery.targets`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from jsonschema.exceptions import SchemaError, ValidationError
 
 from webhook_server import values
 from webhook_server.auth import SCHEMES
+from webhook_server.delivery.targets import Target, load_targets
 from webhook_server.ingest.validators import compile_schema, packaged_schema, packaged_validator
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -91,21 +93,36 @@ def file_validator() -> Draft202012Validator:
     return Draft202012Validator(schema)
 
 
-def load_sources_file(
-    path: str, secret: SecretReader, problems: list[str], existing: dict[str, Source]
-) -> dict[str, Source]:
+@dataclass(frozen=True)
+class SourcesFile:
+    """What a SOURCES_FILE declares: more sources, and the targets events are forwarded to."""
+
+    sources: dict[str, Source]
+    targets: dict[str, Target]
+
+
+def load_sources_file(path: str, secret: SecretReader, problems: list[str], existing: dict[str, Source]) -> SourcesFile:
     """Parse a SOURCES_FILE; each problem names the file, the table and the key, never a value."""
     document = _read_toml(path, problems)
     if document is None:
-        return {}
-    before = len(problems)
-    problems.extend(_shape_problems(path, document))
-    if "targets" in document:
-        problems.append(f"SOURCES_FILE {path} [targets]: forwarding targets are not built in this version yet")
-    if len(problems) > before:
-        return {}
+        return SourcesFile({}, {})
+    shape = _shape_problems(path, document)
+    if shape:
+        problems.extend(shape)
+        return SourcesFile({}, {})
+    sources = _file_sources(path, document.get("sources", {}), secret, problems, existing)
+    # Declared names count even when a source has a problem of its own: that one is reported already.
+    known = set(existing) | set(document.get("sources", {}))
+    targets = load_targets(document.get("targets", {}), known, Path(path).parent, secret, problems, path)
+    return SourcesFile(sources, targets)
+
+
+def _file_sources(
+    path: str, tables: dict[str, Any], secret: SecretReader, problems: list[str], existing: dict[str, Source]
+) -> dict[str, Source]:
+    """The `[sources.NAME]` tables, whose shape the schema has checked."""
     loaded = {}
-    for name, spec in document["sources"].items():
+    for name, spec in tables.items():
         where = f"SOURCES_FILE {path} [sources.{name}]"
         if name in RESERVED_NAMES or name in existing:
             problems.append(f"{where}: particle and generic are the built-in sources' names")
@@ -137,8 +154,8 @@ def _shape_problems(path: str, document: dict[str, Any]) -> list[str]:
 
 def _where(error: ValidationError) -> str:
     parts = [str(part) for part in error.absolute_path]
-    if len(parts) >= 2 and parts[0] == "sources":
-        return f" [sources.{parts[1]}]"
+    if len(parts) >= 2 and parts[0] in ("sources", "targets"):
+        return f" [{parts[0]}.{parts[1]}]"
     return f" [{parts[0]}]" if parts else ""
 
 
@@ -146,20 +163,26 @@ def _what(error: ValidationError) -> str:
     parts = [str(part) for part in error.absolute_path]
     schema: dict[str, Any] = error.schema if isinstance(error.schema, dict) else {}
     instance: dict[str, Any] = error.instance if isinstance(error.instance, dict) else {}
+    kind = "target" if parts and parts[0] == "targets" else "source"
     if error.validator == "additionalProperties":
         unknown = sorted(set(instance) - set(schema.get("properties", {})))
         what = "keys" if parts else "tables"
-        return f"unknown {what} {', '.join(unknown)}" + ("" if parts else " (only [sources.<name>] is read)")
+        only = " (only [sources.<name>] and [targets.<name>] are read)"
+        return f"unknown {what} {', '.join(unknown)}" + ("" if parts else only)
     if error.validator == "required":
-        return f"{', '.join(k for k in schema.get('required', []) if k not in instance)} is required"
-    if error.validator == "propertyNames":
-        return "a source's name must be lowercase letters, digits, - or _"
+        missing = [k for k in schema.get("required", []) if k not in instance]
+        return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required"
+    # jsonschema reports a bad name as the `pattern` inside `propertyNames`, not as `propertyNames`.
+    if "propertyNames" in error.relative_schema_path:
+        return f"a {kind}'s name must be lowercase letters, digits, - or _"
+    if not parts:  # an empty file
+        return "must declare at least one [sources.<name>] or [targets.<name>] table"
     if error.validator == "minProperties" or (error.validator == "type" and len(parts) <= 1):
-        return "must declare at least one [sources.<name>] table"
+        return f"must declare at least one [{parts[0]}.<name>] table"
     key = parts[2] if len(parts) >= 3 else ""
-    if key == "scheme":
+    if key == "scheme" and kind == "source":
         return f"scheme must be one of {', '.join(SCHEMES)}"
-    properties: dict[str, Any] = packaged_schema("sources-file.json")["$defs"]["source"]["properties"]
+    properties: dict[str, Any] = packaged_schema("sources-file.json")["$defs"][kind]["properties"]
     description = properties.get(key, {}).get("description")
     return f"{key} must be {description}" if description else "must be a table"
 

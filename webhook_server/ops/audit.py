@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from webhook_server.auth import fingerprint
+from webhook_server.delivery.targets import Target
 from webhook_server.ingest.sources import Source
 from webhook_server.ops.events import duration_seconds
 from webhook_server.store import audit
@@ -32,8 +33,15 @@ def source_path(name: str) -> str:
     return "/webhook" if name == "generic" else f"/webhook/{name}"
 
 
-def describe_sources(sources: dict[str, Source], store: Store) -> list[dict[str, Any]]:
-    """Each source with its secrets by fingerprint: how often and when each last matched."""
+def targets_of(source: str, targets: dict[str, Target]) -> list[str]:
+    """The sorted names of the targets that take `source`'s events, named or through "*"."""
+    return sorted(name for name, target in targets.items() if "*" in target.sources or source in target.sources)
+
+
+def describe_sources(
+    sources: dict[str, Source], store: Store, targets: dict[str, Target] | None = None
+) -> list[dict[str, Any]]:
+    """Each source with its secrets by fingerprint (how often and when each last matched) and its targets."""
     uses = audit.secret_uses(store.connection())
     described = []
     for name, source in sorted(sources.items()):
@@ -51,6 +59,12 @@ def describe_sources(sources: dict[str, Source], store: Store) -> list[dict[str,
                 }
             )
         described.append(
-            {"name": name, "scheme": source.scheme, "path": source_path(name), "secrets": secrets, "targets": []}
+            {
+                "name": name,
+                "scheme": source.scheme,
+                "path": source_path(name),
+                "secrets": secrets,
+                "targets": targets_of(name, targets or {}),
+            }
         )
     return described
