@@ -18,6 +18,7 @@ import pytest
 from tests.smtpsink import SmtpSink, make_self_signed_cert
 from webhook_server.notify import (
     EmailNotifier,
+    HttpForwarder,
     LogNotifier,
     Notification,
     PermanentFailure,
@@ -498,8 +499,9 @@ def test_message_id_keeps_only_safe_characters() -> None:
 
 def test_without_smtp_every_channel_logs(tmp_path: Path) -> None:
     table = notifiers(make_settings(tmp_path))
-    assert set(table) == {"email", "sms", "log"}
-    assert all(isinstance(n, LogNotifier) for n in table.values())
+    assert set(table) == {"email", "sms", "log", "http"}
+    assert all(isinstance(table[name], LogNotifier) for name in ("email", "sms", "log"))
+    assert isinstance(table["http"], HttpForwarder)  # forwarding needs no SMTP
     with pytest.raises(ValueError, match="SMTP"):
         EmailNotifier(make_settings(tmp_path))
 

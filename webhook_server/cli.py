@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from webhook_server.delivery.queue import DeliveryQueue
+from webhook_server.delivery.targets import Target, origin
 from webhook_server.delivery.worker import SignalStop, Worker
 from webhook_server.ingest.send import send_test_event
 from webhook_server.live import listen as live_listen
@@ -224,6 +225,8 @@ def check_config() -> None:
         only = f", notifies {', '.join(source.events)} only" if source.events else ""
         window = f", cool-down {source.cooldown_seconds} s" if source.cooldown_seconds is not None else ""
         click.echo(f"  source {name}: {source.scheme}, {len(source.secrets)} secret(s){only}{window}")
+    for name, target in sorted(settings.targets.items()):
+        click.echo(f"  target {name}: {describe_target(target)}")
     if settings.smtp:
         smtp = settings.smtp
         click.echo(f"  email: {smtp.host}:{smtp.port} ({smtp.security}) to {len(settings.recipients)} recipient(s)")
@@ -236,6 +239,16 @@ def check_config() -> None:
         click.echo("  live stream: off (no SUBSCRIBER_TOKENS)")
     click.echo(f"  store: {settings.database_path}")
     click.echo(f"  rate limit: {settings.rate_limit} ({'redis' if settings.redis_url else 'shared SQLite counters'})")
+
+
+def describe_target(target: Target) -> str:
+    """One line for `check-config`: never the URL's path or query, nor the secret (either may be a token)."""
+    parts = [f"to {origin(target.url)}", f"sources {', '.join(target.sources)}"]
+    parts.append(f"events {', '.join(target.events)}" if target.events else "every event")
+    parts += ["ordered"] if target.ordered else []
+    parts += ["encrypted"] if target.encrypt_to is not None else []
+    parts += [f"body {target.body}", f"timeout {target.timeout_seconds:g} s"]
+    return "; ".join(parts)
 
 
 @main.group("events", invoke_without_command=True)
@@ -337,7 +350,7 @@ def audit(source: str | None, status: int | None, since: str | None, limit: int,
 def sources(as_json: bool) -> None:
     """Each source: scheme, path, and each secret's fingerprint with its last match and count."""
     settings = load_or_exit()
-    described = audit_view.describe_sources(settings.sources, Store(settings.database_path))
+    described = audit_view.describe_sources(settings.sources, Store(settings.database_path), settings.targets)
     if as_json:
         for entry in described:
             click.echo(json.dumps(entry, ensure_ascii=False))
@@ -371,10 +384,12 @@ def dead_letters_list() -> None:
     if not letters:
         click.echo("No dead letters.")
         return
-    click.echo(f"{'delivery':>8}  {'event':>8}  {'name':<20}  {'recipient':<32}  {'tries':>5}  last error")
+    header = f"{'delivery':>8}  {'event':>8}  {'name':<20}  {'channel':<7}  {'recipient':<32}"
+    click.echo(f"{header}  {'tries':>5}  last error")
     for d in letters:
         name, recipient, error = d.event[:20], d.recipient[:32], d.last_error[:80]
-        click.echo(f"{d.delivery_id:>8}  {d.event_id:>8}  {name:<20}  {recipient:<32}  {d.tries:>5}  {error}")
+        line = f"{d.delivery_id:>8}  {d.event_id:>8}  {name:<20}  {d.channel:<7}  {recipient:<32}"
+        click.echo(f"{line}  {d.tries:>5}  {error}")
 
 
 @dead_letters.command("replay")

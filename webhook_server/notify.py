@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from webhook_server import values
 from webhook_server.channels.email import render_email, text_body
+from webhook_server.channels.http import HttpTransport, request_for
 from webhook_server.channels.sms import is_sms_gateway, render_sms, sms_text
 from webhook_server.channels.smtp import SmtpTransport
 from webhook_server.channels.text import clean
@@ -29,7 +30,14 @@ class DeliveryError(Exception):
 
 
 class TemporaryFailure(DeliveryError):
-    """Worth retrying: connection refused/reset, timeout, TLS failure, SMTP 4xx."""
+    """Worth retrying: connection refused/reset, timeout, TLS failure, SMTP 4xx, HTTP 429 or 5xx.
+
+    `retry_after`: the seconds the far end asked to wait (an HTTP Retry-After), if it did.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class PermanentFailure(DeliveryError):
@@ -95,20 +103,50 @@ class LogNotifier(Notifier):
         )
 
 
+class HttpForwarder(Notifier):
+    """Forwarding to SOURCES_FILE's targets: a signed (optionally encrypted) POST per delivery,
+    whose recipient is the target's name."""
+
+    name = "http"
+    channels = ("http",)
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.transport = HttpTransport(FORWARDS_PER_TARGET)
+
+    def send(self, notification: Notification) -> None:
+        target = self.settings.targets.get(notification.recipient)
+        if target is None:
+            raise PermanentFailure(f"no target named {notification.recipient} is configured now")
+        try:
+            body, headers = request_for(target, notification.event, notification.delivery_id)
+        except Exception as exc:  # an unusable key or body: trying again cannot help
+            raise PermanentFailure(f"the request could not be made ({type(exc).__name__})") from None
+        outcome = self.transport.post(target, body, headers)
+        if outcome.delivered:
+            return
+        if outcome.temporary:
+            raise TemporaryFailure(outcome.error, outcome.retry_after)
+        raise PermanentFailure(outcome.error)
+
+
 NOTIFIERS: dict[str, type[Notifier]] = {
     "email": EmailNotifier,
     "sms": EmailNotifier,
     "log": LogNotifier,
+    "http": HttpForwarder,
 }
+# Sends in flight to one forwarding target at most (1 for an ordered one): a slow target holds
+# only its own.
+FORWARDS_PER_TARGET = 4
 
 
 def notifiers(settings: Settings) -> dict[str, Notifier]:
-    """Channel name -> notifier. Without SMTP every channel logs, so queued mail is not stuck."""
-    log_notifier = LogNotifier(settings)
-    if settings.smtp is None:
-        return dict.fromkeys(NOTIFIERS, log_notifier)
-    mail = EmailNotifier(settings)  # one instance for both channels: one TLS context
-    return {name: mail if cls is EmailNotifier else log_notifier for name, cls in NOTIFIERS.items()}
+    """Channel name -> notifier. Without SMTP the mail channels log, so queued mail is not stuck."""
+    made: dict[type[Notifier], Notifier] = {LogNotifier: LogNotifier(settings), HttpForwarder: HttpForwarder(settings)}
+    if settings.smtp is not None:
+        made[EmailNotifier] = EmailNotifier(settings)  # one instance for both channels: one TLS context
+    return {name: made.get(cls, made[LogNotifier]) for name, cls in NOTIFIERS.items()}
 
 
 # -- which channel, for whom ------------------------------------------------------------------

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from webhook_server.delivery.cooldowns import Cooldowns
+from webhook_server.delivery.targets import Target
 from webhook_server.notify import targets
 from webhook_server.settings import Settings
 from webhook_server.store.records import Notification, event_from_row
@@ -72,8 +73,20 @@ class DeliveryQueue:
             ).fetchall()
             for row in rows:
                 self.cooldowns.admit(conn, row)
+                self.add_forwards(conn, row["id"], row["source"], row["event"])
             conn.executemany("UPDATE events SET dispatched = 1 WHERE id = ?", [(row["id"],) for row in rows])
         return len(rows)
+
+    def add_forwards(self, conn: sqlite3.Connection, event_id: int, source: str, event: str) -> int:
+        """One `http` delivery per target that takes this event (no cool-down: each is passed on)."""
+        now = self.clock()
+        chosen = [t.name for t in self.settings.targets.values() if t.takes(source, event)]
+        conn.executemany(
+            "INSERT INTO deliveries (event_id, kind, channel, recipient, next_attempt_at, created_at)"
+            " VALUES (?, 'forward', 'http', ?, ?, ?)",
+            [(event_id, name, now, now) for name in chosen],
+        )
+        return len(chosen)
 
     def close_windows(self, now: float | None = None) -> int:
         """Summaries for cool-down windows that have ended; returns windows closed."""
@@ -105,38 +118,62 @@ class DeliveryQueue:
         )
 
     def replay_event(self, event_id: int) -> int | None:
-        """The event's notifications again, as new alert deliveries past any cool-down; how many, or
-        None when there is no such event. 0 when the source does not notify it (notify = false, or
-        its `events` filter, as it is now, leaves the name out): a replay sends what arrival would."""
+        """The event's notifications and forwarding again, as new deliveries past any cool-down;
+        how many, or None when there is no such event. A replay sends what arrival would, by the
+        configuration as it is now: no notification when the source does not notify this event
+        (notify = false, or its `events` filter), a forward to each target that takes it."""
         with self.store.transaction() as conn:
             row = conn.execute("SELECT source, event FROM events WHERE id = ?", (event_id,)).fetchone()
             if row is None:
                 return None
             source = self.settings.sources.get(row["source"])
-            if source is not None and not source.notifies(row["event"]):
-                return 0
             before = conn.total_changes
-            self.add_deliveries(conn, event_id, "alert", source.recipients if source is not None else None)
+            if source is None or source.notifies(row["event"]):
+                self.add_deliveries(conn, event_id, "alert", source.recipients if source is not None else None)
+            self.add_forwards(conn, event_id, row["source"], row["event"])
             return conn.total_changes - before
 
     # -- leases and outcomes ------------------------------------------------------------
 
     def claim(self, limit: int, now: float | None = None) -> list[Notification]:
-        """Lease up to `limit` due deliveries. An expired lease is due again."""
+        """Lease up to `limit` due notifications (not forwards). An expired lease is due again."""
         now = self.clock() if now is None else now
-        conn = self.store.connection()
-        due = conn.execute(
-            "SELECT 1 FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ? AND lease_until <= ? LIMIT 1",
-            (now, now),
-        ).fetchone()
-        if due is None:
+        due = (
+            "SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ? AND lease_until <= ?"
+            " AND channel != 'http' ORDER BY next_attempt_at, id LIMIT ?"
+        )
+        if self.store.connection().execute(due, (now, now, 1)).fetchone() is None:
             return []
+        return self._lease(due, (now, now, limit), now + self.settings.delivery_lease_seconds)
+
+    def claim_forwards(self, target: Target, limit: int, now: float | None = None) -> list[Notification]:
+        """Lease up to `limit` due forwards to `target`; for an ordered target only its oldest
+        pending one, and only when it is due: a failing head holds back the rest."""
+        now = self.clock() if now is None else now
+        if target.ordered:
+            due = (
+                "SELECT id FROM (SELECT id, next_attempt_at, lease_until FROM deliveries"
+                " WHERE status = 'pending' AND channel = 'http' AND recipient = ? ORDER BY id LIMIT 1)"
+                " WHERE next_attempt_at <= ? AND lease_until <= ? AND ? > 0"
+            )
+        else:
+            due = (
+                "SELECT id FROM deliveries WHERE status = 'pending' AND channel = 'http' AND recipient = ?"
+                " AND next_attempt_at <= ? AND lease_until <= ? ORDER BY next_attempt_at, id LIMIT ?"
+            )
+        params = (target.name, now, now, limit)
+        if self.store.connection().execute(due, params).fetchone() is None:
+            return []
+        # The lease outlasts the request's own timeouts (connect and read), whatever they are.
+        lease = max(self.settings.delivery_lease_seconds, 3 * target.timeout_seconds)
+        return self._lease(due, params, now + lease)
+
+    def _lease(self, due: str, params: tuple[Any, ...], until: float) -> list[Notification]:
+        """Lease the deliveries `due` selects (checked again inside the transaction), with their events."""
         with self.store.transaction() as conn:
             rows = conn.execute(
-                "UPDATE deliveries SET lease_until = ?, attempts = attempts + 1 WHERE id IN ("
-                " SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?"
-                " AND lease_until <= ? ORDER BY next_attempt_at, id LIMIT ?) RETURNING *",
-                (now + self.settings.delivery_lease_seconds, now, now, limit),
+                f"UPDATE deliveries SET lease_until = ?, attempts = attempts + 1 WHERE id IN ({due}) RETURNING *",  # noqa: S608
+                (until, *params),
             ).fetchall()
             events = (
                 {
@@ -171,19 +208,18 @@ class DeliveryQueue:
                 (self.clock(), delivery_id),
             )
 
-    def mark_failed(self, notification: Notification, error: str, permanent: bool) -> str:
-        """Schedule a retry, or make it a dead letter; returns the new status."""
+    def mark_failed(
+        self, notification: Notification, error: str, permanent: bool, at_least: float | None = None
+    ) -> str:
+        """Schedule a retry (after the backoff, or `at_least` seconds when the far end asked for
+        more: Retry-After), or make it a dead letter; returns the new status."""
         attempts = notification.attempt
         dead = permanent or attempts >= self.settings.retry_max_attempts
+        delay = 0.0 if dead else max(backoff(self.settings, attempts), at_least or 0.0)
         with self.store.transaction() as conn:
             conn.execute(
                 "UPDATE deliveries SET status = ?, next_attempt_at = ?, lease_until = 0, last_error = ? WHERE id = ?",
-                (
-                    "dead" if dead else "pending",
-                    self.clock() + (0 if dead else backoff(self.settings, attempts)),
-                    error[:500],
-                    notification.delivery_id,
-                ),
+                ("dead" if dead else "pending", self.clock() + delay, error[:500], notification.delivery_id),
             )
         return "dead" if dead else "pending"
 

@@ -6,6 +6,7 @@ import logging
 import os
 import select
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +14,10 @@ from contextlib import suppress
 from typing import Protocol
 
 from webhook_server.delivery.cooldowns import epoch
+from webhook_server.delivery.forwarding import ForwardLoop
 from webhook_server.delivery.queue import DeliveryQueue
-from webhook_server.notify import DeliveryError, Notifier, PermanentFailure, notifiers
-from webhook_server.ops.metrics import record_delivery
+from webhook_server.notify import DeliveryError, Notifier, PermanentFailure, TemporaryFailure, notifiers
+from webhook_server.ops.metrics import record_delivery, record_forward
 from webhook_server.settings import Settings
 from webhook_server.store.counters import SQLiteStorage, storage_uri
 from webhook_server.store.records import Notification
@@ -40,7 +42,12 @@ def recipient_domain(recipient: str) -> str:
 def log_sent(notification: Notification, since_receipt: float) -> None:
     """One info line per sent delivery, so `logs worker` shows that mail went out."""
     n = notification
-    where = "written to the log" if n.channel == "log" else f"sent by {n.channel} to {recipient_domain(n.recipient)}"
+    if n.channel == "log":
+        where = "written to the log"
+    elif n.channel == "http":
+        where = f"forwarded to target {n.recipient}"
+    else:
+        where = f"sent by {n.channel} to {recipient_domain(n.recipient)}"
     log.info(
         "%s %s for event %s %s (try %s, %.2f s after receipt)",
         n.kind,
@@ -69,6 +76,18 @@ def log_purged(purged: Purged) -> None:
         purged.audit,
         extra={"events": purged.events, "deliveries": purged.deliveries, "audit_records": purged.audit},
     )
+
+
+def where(notification: Notification) -> str:
+    """A delivery's way out for the log: the channel, and a forwarding target's name (never its URL)."""
+    return f"target {notification.recipient}" if notification.channel == "http" else notification.channel
+
+
+def record_outcome(notification: Notification, outcome: str, latency: float | None = None) -> None:
+    """The delivery metrics by channel, and a forward's by target too."""
+    record_delivery(notification.channel, outcome, latency)
+    if notification.channel == "http":
+        record_forward(notification.recipient, outcome, latency)
 
 
 class Stopper(Protocol):
@@ -118,12 +137,20 @@ class Worker:
         self.queue = DeliveryQueue(self.store, settings, clock)
         self.notifiers: dict[str, Notifier] = notifiers(settings)
         self._pool = ThreadPoolExecutor(SEND_CONCURRENCY, thread_name_prefix="deliver")
+        self.forwarding = ForwardLoop(self.queue, settings.targets, self.deliver)
 
     def run_once(self) -> int:
-        """One pass; returns how many events, windows and deliveries it handled."""
+        """One pass of everything, waiting for its sends; how many events, windows and deliveries
+        it handled. `run` does the same with forwarding in a thread of its own."""
+        return self.notify_once() + self.forwarding.pass_once(wait_for_sends=True)
+
+    def notify_once(self) -> int:
+        """Dispatch new events, close ended windows, send due email/SMS/log deliveries."""
         handled = self.queue.dispatch() + self.queue.close_windows()
         batch = self.queue.claim(SEND_CONCURRENCY)
         handled += len(list(self._pool.map(self.deliver, batch)))
+        if handled and self.settings.targets:
+            self.forwarding.wake.set()  # a dispatch may have queued forwards
         return handled
 
     def deliver(self, notification: Notification) -> str:
@@ -132,14 +159,15 @@ class Worker:
         try:
             notifier.send(notification)
         except DeliveryError as exc:
+            wait = exc.retry_after if isinstance(exc, TemporaryFailure) else None
             status = self.queue.mark_failed(
-                notification, f"{type(exc).__name__}: {exc}", isinstance(exc, PermanentFailure)
+                notification, f"{type(exc).__name__}: {exc}", isinstance(exc, PermanentFailure), wait
             )
-            record_delivery(notification.channel, "retry" if status == "pending" else "dead")
+            record_outcome(notification, "retry" if status == "pending" else "dead")
             log.warning(
                 "delivery %s to %s failed (try %s): %s; now %s",
                 notification.delivery_id,
-                notification.channel,
+                where(notification),
                 notification.attempt,
                 exc,
                 status,
@@ -148,12 +176,12 @@ class Worker:
         except Exception as exc:  # a notifier bug must not kill the worker; retry like a glitch
             log.exception("delivery %s: unexpected error", notification.delivery_id)
             status = self.queue.mark_failed(notification, f"{type(exc).__name__}: {exc}", False)
-            record_delivery(notification.channel, "retry" if status == "pending" else "dead")
+            record_outcome(notification, "retry" if status == "pending" else "dead")
             return status
         self.queue.mark_sent(notification.delivery_id)
         since_receipt = self.clock() - epoch(notification.event.received_at)
         # A summary's event was received up to a whole window earlier: only alerts time the pipeline.
-        record_delivery(notification.channel, "sent", since_receipt if notification.kind == "alert" else None)
+        record_outcome(notification, "sent", since_receipt if notification.kind != "summary" else None)
         log_sent(notification, since_receipt)
         return "sent"
 
@@ -172,10 +200,14 @@ class Worker:
     def run(self, stop: Stopper) -> None:
         """Loop until `stop` is set; a store error is logged and retried, never fatal."""
         log.info("delivery worker started (poll every %ss)", self.settings.worker_poll_seconds)
+        forwarding = threading.Thread(
+            target=self.forwarding.run, args=(stop.is_set, self.settings.worker_poll_seconds), name="forwarding"
+        )
+        forwarding.start()
         next_housekeeping = time.monotonic() + FIRST_HOUSEKEEPING_SECONDS
         while not stop.is_set():
             try:
-                busy = self.run_once()
+                busy = self.notify_once()
                 # The web processes leave WAL checkpoints to us (see store.Checkpointer).
                 self.store.checkpointer.maybe(self.store.connection())
                 if time.monotonic() >= next_housekeeping:
@@ -187,4 +219,5 @@ class Worker:
             if not busy:
                 stop.wait(self.settings.worker_poll_seconds)
         self._pool.shutdown(wait=True)
+        forwarding.join()
         log.info("delivery worker stopped")

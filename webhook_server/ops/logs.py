@@ -174,3 +174,6 @@ def configure_logging(level: str = "INFO", stream: Any = None) -> None:
     handler._webhook_server = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    # urllib3 (forwarding) logs each request's URL at DEBUG, and a URL may carry a token: it
+    # says nothing below ERROR, whatever LOG_LEVEL is. Outcomes are logged by target name.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)

@@ -189,6 +189,8 @@ class WebMetrics:
 class DeliveryMetrics:
     deliveries: Counter
     delivery_seconds: Histogram
+    forwards: Counter
+    forward_seconds: Histogram
 
 
 def web_metrics() -> WebMetrics:
@@ -266,7 +268,31 @@ def _make_delivery_metrics() -> DeliveryMetrics:
             buckets=DELIVERY_BUCKETS,
             registry=_REGISTRY,
         ),
+        forwards=Counter(
+            "webhook_forwards",
+            "Forwarding attempts, by target and outcome (sent, retry, dead).",
+            ["target", "outcome"],
+            registry=_REGISTRY,
+        ),
+        forward_seconds=Histogram(
+            "webhook_forward_seconds",
+            "Time from an event's receipt to its target's 2xx answer, in seconds, by target.",
+            ["target"],
+            buckets=DELIVERY_BUCKETS,
+            registry=_REGISTRY,
+        ),
     )
+
+
+def record_forward(target: str, outcome: str, latency_seconds: float | None = None) -> None:
+    """Count one forwarding attempt by target, as `record_delivery` does by channel; never raises."""
+    try:
+        instruments = delivery_metrics()
+        if latency_seconds is not None:
+            instruments.forward_seconds.labels(target).observe(max(latency_seconds, 0.0))
+        instruments.forwards.labels(target, DELIVERY_OUTCOMES.get(outcome, outcome)).inc()
+    except Exception:  # metrics are best effort
+        log.warning("could not record a forwarding metric", exc_info=True)
 
 
 def record_delivery(channel: str, outcome: str, latency_seconds: float | None = None) -> None:

@@ -43,6 +43,9 @@ CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries(id) WHERE status = 'dea
 -- Retention deletes events with their deliveries: without it every event deleted made SQLite scan
 -- all of `deliveries` for the foreign key (a 500-event batch took 701 ms instead of 17 ms).
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries(event_id);
+-- A forwarding target's pending deliveries in event order: an ordered target sends its oldest first.
+CREATE INDEX IF NOT EXISTS deliveries_forward ON deliveries(recipient, id)
+    WHERE status = 'pending' AND channel = 'http';
 
 -- Rate-limit windows (ratelimit.SQLiteStorage), here so that an accepted event is counted in
 -- the transaction that stores it.
