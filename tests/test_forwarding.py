@@ -309,3 +309,23 @@ def test_forwards_are_counted_by_target_and_outcome_with_their_latency(tmp_path:
     assert delta("webhook_forward_seconds_count", {"target": "svc"}) == 1
     assert delta("webhook_forward_seconds_count", {"target": "gone"}) == 0
     assert delta("webhook_deliveries_total", {"channel": "http", "outcome": "sent"}) == 1
+
+
+def test_the_readmes_receiver_snippet_verifies_and_decrypts_a_forward(
+    tmp_path: Path, receiver: Receiver, keys: tuple[Path, jwk.JWK], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    snippet = readme.split("A receiver in Python:\n\n```python\n", 1)[1].split("```", 1)[0]
+    f = Forwarding(tmp_path, target_table("billing", receiver.url + "/b", encrypt_to=str(keys[0])))
+    event_id = f.post(b'{"amount": 12}', event="invoice.paid")
+    f.drain()
+    (arrival,) = receiver.wait_for(1)
+    (tmp_path / "billing.pem").write_bytes(keys[1].export_to_pem(private_key=True, password=None))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"SIGNING_KEY": SIGNING, "body": arrival.body, "headers": arrival.headers}
+    exec(snippet, namespace)  # the README's own example, run as a user would
+    event = json.loads(namespace["body"])
+    assert event["id"] == event_id and event["payload"] == {"amount": 12}
+    tampered = {**namespace, "body": arrival.body.replace(b".", b"x", 1), "headers": arrival.headers}
+    with pytest.raises(Exception, match="signature"):
+        exec(snippet, tampered)
