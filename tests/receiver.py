@@ -24,6 +24,7 @@ class Reply:
     delay: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b"ok"
+    trickle: float = 0.0  # seconds between the bytes of the answer (a target that drips it)
 
 
 @dataclass
@@ -115,6 +116,8 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real targets do
+            # Headers and body go in two writes: with Nagle on, each answer waited 40 ms for an ACK.
+            disable_nagle_algorithm = True
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -124,16 +127,27 @@ class Receiver:
                     time.sleep(reply.delay)
                 verified, plaintext, header = receiver.check(headers, body)
                 arrival = Arrival(time.monotonic(), self.path, headers, body, reply.status, verified, plaintext, header)
+                # Kept before the answer goes out: a client that has its answer finds it here.
+                receiver.record(arrival)
                 try:
-                    self.send_response(reply.status)
-                    for name, value in reply.headers.items():
-                        self.send_header(name, value)
-                    self.send_header("Content-Length", str(len(reply.body)))
-                    self.end_headers()
-                    self.wfile.write(reply.body)
+                    if reply.trickle:
+                        self.drip(reply)
+                    else:
+                        self.send_response(reply.status)
+                        for name, value in reply.headers.items():
+                            self.send_header(name, value)
+                        self.send_header("Content-Length", str(len(reply.body)))
+                        self.end_headers()
+                        self.wfile.write(reply.body)
                 except OSError:  # the client gave up (its timeout): it never got this answer
                     arrival.status = 0
-                receiver.record(arrival)
+
+            def drip(self, reply: Reply) -> None:
+                answer = f"HTTP/1.1 {reply.status} OK\r\nContent-Length: {len(reply.body)}\r\n\r\n".encode()
+                for byte in answer + reply.body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(reply.trickle)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

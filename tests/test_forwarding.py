@@ -329,3 +329,18 @@ def test_the_readmes_receiver_snippet_verifies_and_decrypts_a_forward(
     tampered = {**namespace, "body": arrival.body.replace(b".", b"x", 1), "headers": arrival.headers}
     with pytest.raises(Exception, match="signature"):
         exec(snippet, tampered)
+
+
+def test_a_target_that_drips_its_answer_is_cut_off_at_its_timeout(tmp_path: Path, receiver: Receiver) -> None:
+    f = Forwarding(tmp_path, target_table("drip", receiver.url + "/drip", timeout_seconds=1))
+    receiver.script("/drip", Reply(200, trickle=0.2))  # a byte every 0.2 s: each read is quick
+    f.post(b'{"n": 1}')
+    began = time.monotonic()
+    f.drain()
+    assert time.monotonic() - began < 2.0  # the whole try is bounded, not each read
+    assert f.forwards() == [(1, "drip", "pending", 1)]
+    error = f.worker.store.connection().execute("SELECT last_error FROM deliveries WHERE channel = 'http'")
+    assert error.fetchone()[0] == "TemporaryFailure: no answer within 1 s"
+    f.clock.advance(60)
+    f.drain()
+    assert f.forwards() == [(1, "drip", "sent", 2)]

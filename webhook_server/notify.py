@@ -112,7 +112,8 @@ class HttpForwarder(Notifier):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.transport = HttpTransport(FORWARDS_PER_TARGET)
+        # Targets may share a host: room for every target's sends in the pool of one host.
+        self.transport = HttpTransport(FORWARDS_PER_TARGET * max(1, len(settings.targets)))
 
     def send(self, notification: Notification) -> None:
         target = self.settings.targets.get(notification.recipient)

@@ -13,16 +13,24 @@ what fails is said as a status or a kind of network error.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import math
+import socket
+import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 import urllib3
 from jwcrypto.jwe import JWE
 from standardwebhooks.webhooks import Webhook
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, TimeoutError
 
 from webhook_server.delivery.targets import Target
@@ -121,23 +129,114 @@ def network_error(exc: Exception, timeout: float) -> Outcome:
     return Outcome(False, True, f"network error ({type(exc).__name__})")
 
 
+# The connection each sending thread is using now, so that its deadline can cut it off.
+_IN_USE: dict[int, HTTPConnection] = {}
+
+
+class _WatchedHTTP(HTTPConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _IN_USE[threading.get_ident()] = self
+        super().request(*args, **kwargs)
+
+
+class _WatchedHTTPS(HTTPSConnection):
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _IN_USE[threading.get_ident()] = self
+        super().request(*args, **kwargs)
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTP
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPS
+
+
+class Deadline:
+    """`timeout_seconds` for the whole try: urllib3's read timeout bounds each read, and a target
+    that trickles a byte at a time would hold the send (and outlive its lease) for ever."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self.done = False
+        self._thread = threading.get_ident()
+        self._lock = threading.Lock()  # a cut never reaches a connection already back in the pool
+
+    def cut(self) -> None:
+        """Shut the connection this try is using, if it is still going: its blocked read returns."""
+        with self._lock:
+            if self.done:  # over: the thread's connection now belongs to a later try
+                return
+            connection = _IN_USE.get(self._thread)
+            self.expired = connection is not None
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> Deadline:
+        WATCHDOG.watch(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.done = True
+            _IN_USE.pop(self._thread, None)
+
+
+class Watchdog:
+    """One thread that cuts every try still running at its deadline (a Timer per try was a thread
+    started per request)."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, Deadline]] = []
+        self._changed = threading.Condition()
+        self._numbers = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: Deadline) -> None:
+        with self._changed:
+            heapq.heappush(self._due, (time.monotonic() + deadline.seconds, next(self._numbers), deadline))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="forward-deadlines", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                _, _, deadline = heapq.heappop(self._due)
+            deadline.cut()
+
+
+WATCHDOG = Watchdog()
+
+
 class HttpTransport:
     """Connection pools to the targets, shared by the worker's threads."""
 
-    def __init__(self, connections_per_target: int) -> None:
-        self.pools = urllib3.PoolManager(maxsize=connections_per_target, block=False, retries=False)
+    def __init__(self, connections: int) -> None:
+        self.pools = urllib3.PoolManager(maxsize=connections, block=False, retries=False)
+        self.pools.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
     def post(self, target: Target, body: bytes, headers: dict[str, str]) -> Outcome:
-        """One POST; the answer's status and at most MAX_RESPONSE_BYTES of its body are read."""
+        """One POST within the target's timeout; the status and at most MAX_RESPONSE_BYTES are read."""
         timeout = urllib3.Timeout(connect=min(target.timeout_seconds, 10.0), read=target.timeout_seconds)
-        try:
-            response = self.pools.request(
-                "POST", target.url, body=body, headers=headers, timeout=timeout,
-                retries=False, redirect=False, preload_content=False,
-            )  # fmt: skip
-        except HTTPError as exc:
-            return network_error(exc, target.timeout_seconds)
-        finish(response)
+        with Deadline(target.timeout_seconds) as deadline:
+            try:
+                response = self.pools.request(
+                    "POST", target.url, body=body, headers=headers, timeout=timeout,
+                    retries=False, redirect=False, preload_content=False,
+                )  # fmt: skip
+            except HTTPError as exc:
+                return network_error(TimeoutError() if deadline.expired else exc, target.timeout_seconds)
+            finish(response)
+        if deadline.expired:  # cut off while the answer was read: it may not be whole
+            return network_error(TimeoutError(), target.timeout_seconds)
         return outcome_of(response.status, response.headers.get("Retry-After"))
 
 

@@ -33,6 +33,7 @@ class ForwardLoop:
         self.wake = threading.Event()  # a send finished, or new forwards were queued
         self._lock = threading.Lock()
         self._in_flight = dict.fromkeys(targets, 0)
+        self._sending: set[int] = set()  # delivery ids being sent now
         self._pools = {
             name: ThreadPoolExecutor(self.capacity(t), thread_name_prefix=f"forward-{name}")
             for name, t in targets.items()
@@ -53,6 +54,9 @@ class ForwardLoop:
                 continue
             for notification in self.queue.claim_forwards(target, room):
                 with self._lock:
+                    if notification.delivery_id in self._sending:  # its lease ran out mid-send
+                        continue
+                    self._sending.add(notification.delivery_id)
                     self._in_flight[name] += 1
                 started.append(self._pools[name].submit(self._send, name, notification))
         if wait_for_sends:
@@ -67,6 +71,7 @@ class ForwardLoop:
         finally:
             with self._lock:
                 self._in_flight[name] -= 1
+                self._sending.discard(notification.delivery_id)
             self.wake.set()
 
     def run(self, stopping: Callable[[], bool], poll_seconds: float) -> None:
