@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from webhook_server.cli import main
-from webhook_server.delivery.targets import Target
+from webhook_server.ingest.targets import Target
 from webhook_server.settings import ConfigError, Settings, load_settings
 
 PARTICLE = "Valid-Particle-S3cret-qwertyuiop"

@@ -14,9 +14,9 @@ from typing import Any
 import click
 
 from webhook_server.delivery.queue import DeliveryQueue
-from webhook_server.delivery.targets import Target, origin
 from webhook_server.delivery.worker import SignalStop, Worker
 from webhook_server.ingest.send import send_test_event
+from webhook_server.ingest.targets import Target, origin
 from webhook_server.live import listen as live_listen
 from webhook_server.ops import audit as audit_view
 from webhook_server.ops import events as stored_events

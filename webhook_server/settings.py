@@ -20,8 +20,8 @@ from typing import Any
 from dotenv import dotenv_values
 
 from webhook_server import values as v
-from webhook_server.delivery.targets import Target
 from webhook_server.ingest.sources import Source, builtin_sources, load_sources_file
+from webhook_server.ingest.targets import Target
 
 
 class ConfigError(Exception):

@@ -33,7 +33,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, TimeoutError
 
-from webhook_server.delivery.targets import Target
+from webhook_server.ingest.targets import Target
 from webhook_server.store.records import StoredEvent
 
 MAX_RESPONSE_BYTES = 64 * 1024

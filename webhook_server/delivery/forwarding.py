@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from webhook_server.delivery.queue import DeliveryQueue
-from webhook_server.delivery.targets import Target
+from webhook_server.ingest.targets import Target
 from webhook_server.notify import FORWARDS_PER_TARGET
 from webhook_server.store.records import Notification
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from webhook_server.delivery.cooldowns import Cooldowns
-from webhook_server.delivery.targets import Target
+from webhook_server.ingest.targets import Target
 from webhook_server.notify import targets
 from webhook_server.settings import Settings
 from webhook_server.store.records import Notification, event_from_row

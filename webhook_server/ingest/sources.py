@@ -3,7 +3,7 @@
 The two built-in sources come from the environment; more are declared in a TOML file
 (`SOURCES_FILE`), checked against a JSON Schema (`schemas/sources-file.json`) and then for what
 a schema cannot say (a rate limit that parses, a CIDR range, a secret that is set and long).
-The same file declares the forwarding targets (`[targets.NAME]`, see `delivery.targets`).
+The same file declares the forwarding targets (`[targets.NAME]`, see `ingest.targets`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from jsonschema.exceptions import SchemaError, ValidationError
 
 from webhook_server import values
 from webhook_server.auth import SCHEMES
-from webhook_server.delivery.targets import Target, load_targets
+from webhook_server.ingest.targets import Target, load_targets
 from webhook_server.ingest.validators import compile_schema, packaged_schema, packaged_validator
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 from webhook_server.auth import fingerprint
-from webhook_server.delivery.targets import Target
 from webhook_server.ingest.sources import Source
+from webhook_server.ingest.targets import Target
 from webhook_server.ops.events import duration_seconds
 from webhook_server.store import audit
 from webhook_server.store.sqlite import Store
