@@ -45,7 +45,7 @@ def log_sent(notification: Notification, since_receipt: float) -> None:
     if n.channel == "log":
         where = "written to the log"
     elif n.channel == "http":
-        where = f"forwarded to target {n.recipient}"
+        where = f"sent to target {n.recipient}"
     else:
         where = f"sent by {n.channel} to {recipient_domain(n.recipient)}"
     log.info(
