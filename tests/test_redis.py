@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import queue
 import shutil
@@ -20,6 +21,7 @@ import requests
 
 from tests.conftest import CORE_ID, PARTICLE_SECRET
 from tests.server import Server, free_port
+from webhook_server import create_app
 
 pytestmark = pytest.mark.e2e
 
@@ -113,6 +115,42 @@ def test_alarms_are_still_accepted_when_redis_is_down(tmp_path: Path, redis_serv
         redis_server.stop()
         # The limiter's store is down: the event is still stored and acknowledged.
         assert post(server, 2).status_code == 202
+
+
+def wait_for_health(server: Server, key: str, value: str, timeout: float = 10.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        health: dict[str, object] = requests.get(server.url + "/health", timeout=5).json()
+        if health.get(key) == value or time.monotonic() > deadline:
+            return health
+        time.sleep(0.2)
+
+
+def test_health_says_when_redis_goes_away_and_comes_back(tmp_path: Path, redis_server: RedisProcess) -> None:
+    env = {
+        "PARTICLE_WEBHOOK_SECRET": PARTICLE_SECRET,
+        "DATA_DIR": tmp_path / "data",
+        "RATE_LIMIT": "3/minute",
+        "REDIS_URL": redis_server.url,
+    }
+    with Server(env, tmp_path, command="web") as server:
+        health = wait_for_health(server, "redis", "reachable")
+        assert (health["status"], health["store"], health["redis"]) == ("healthy", "sqlite", "reachable")
+        redis_server.stop()
+        health = wait_for_health(server, "redis", "unreachable")
+        assert (health["status"], health["redis"]) == ("healthy", "unreachable")  # degraded, not down
+        assert [post(server, n).status_code for n in range(5)] == [202] * 5  # limits let it through
+        redis_server.start()  # the same port: Redis is back, empty
+        assert wait_for_health(server, "redis", "reachable")["redis"] == "reachable"
+        # The limits work again, from a fresh count.
+        assert [post(server, n).status_code for n in range(10, 14)] == [202, 202, 202, 429]
+    assert "not configured" in json.dumps(redis_less_health(tmp_path))
+
+
+def redis_less_health(tmp_path: Path) -> dict[str, object]:
+    app = create_app({"PARTICLE_WEBHOOK_SECRET": PARTICLE_SECRET, "DATA_DIR": str(tmp_path / "plain")})
+    body: dict[str, object] = app.test_client().get("/health").get_json()
+    return body
 
 
 SUBSCRIBER_TOKEN = "subscriber-token-0123456789"

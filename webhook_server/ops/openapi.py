@@ -373,7 +373,12 @@ def document() -> dict[str, Any]:
                         "uptime_seconds": {"type": "number"},
                         "sources": {"type": "array", "items": {"type": "string"}},
                         "notifications": {"type": "string"},
+                        "store": {"enum": ["sqlite"], "description": "Where events, deliveries and the audit live."},
                         "rate_limit_storage": {"type": "string"},
+                        "redis": {
+                            "enum": ["reachable", "unreachable", "not configured"],
+                            "description": "REDIS_URL's state; unreachable degrades rate limits and live fan-out only.",
+                        },
                         "events_accepted": {"type": "integer"},
                         "deliveries_pending": {"type": "integer"},
                         "dead_letters": {"type": "integer"},
