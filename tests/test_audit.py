@@ -25,10 +25,14 @@ from tests.conftest import (
     particle_event,
     signed_headers,
 )
+from webhook_server.auth import STANDARD_WEBHOOKS_REASONS
 from webhook_server.cli import main
+from webhook_server.ingest import views
 from webhook_server.store.audit import (
     DISTINCT_REFUSALS_PER_MINUTE,
     MANY_CLIENTS,
+    MANY_REASONS,
+    MORE_REASONS,
     AuditRecord,
     first_id_since,
     record,
@@ -373,3 +377,51 @@ def test_secret_counts_are_rolled_up_and_outlive_the_audit_rows(tmp_path: Path) 
     # Retention takes the rolled-up rows only; the counts stay whole.
     assert purge(store, 0, 1, now=now + 86_400 + 200).audit == 5
     assert secret_uses(store.connection()) == expected
+
+
+def test_refusals_that_differ_in_every_way_still_add_a_bounded_number_of_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path / "events.sqlite3")
+    minute = 1_800_000_000 // 60 * 60
+    total = DISTINCT_REFUSALS_PER_MINUTE + MORE_REASONS + 400
+    for n in range(total):  # a new address and a new reason every time
+        record_refusal(store, minute + n / 1000, f"10.{n // 256}.{n % 256}.1", reason=f"bad thing number {n}")
+    rows = store.connection().execute("SELECT client, reason, count FROM audit ORDER BY id").fetchall()
+    assert len(rows) == DISTINCT_REFUSALS_PER_MINUTE + MORE_REASONS + 1
+    assert (rows[-1]["client"], rows[-1]["reason"], rows[-1]["count"]) == (MANY_CLIENTS, MANY_REASONS, 400)
+    assert sum(r["count"] for r in rows) == total
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"webhook-id": "msg_1", "webhook-timestamp": "1", "webhook-signature": "v1,AAAA"},
+        {"webhook-id": "msg_1", "webhook-timestamp": "x" * 40, "webhook-signature": "\xff" * 7},
+        {"webhook-id": "m", "webhook-timestamp": str(2**70), "webhook-signature": "v1," + "A" * 1197},
+        {},
+    ],
+)
+def test_standard_webhooks_refusals_have_one_of_a_few_fixed_reasons(
+    make_app: Callable[..., Flask], tmp_path: Path, headers: dict[str, str]
+) -> None:
+    path = tmp_path / "sw.toml"
+    path.write_text('[sources.sw]\nscheme = "standard-webhooks"\nsecrets = ["SW_SECRET"]\n', encoding="utf-8")
+    env = {"SOURCES_FILE": str(path), "SW_SECRET": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
+    client = make_app(**env).test_client()
+    assert_error(client.post("/webhook/sw", data=b'{"a": 1}', headers=headers, content_type="application/json"), 401)
+    (entry,) = audit_json({**env, "DATA_DIR": str(tmp_path / "data")}, "--source", "sw")
+    assert entry["reason"].startswith("standard webhooks: ")
+    said = entry["reason"].removeprefix("standard webhooks: ")
+    assert said in STANDARD_WEBHOOKS_REASONS or said.isidentifier(), said  # a message, or an exception's name
+
+
+def test_a_server_failure_is_audited_with_the_kind_of_error_only(
+    make_app: Callable[..., Flask], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any) -> Any:
+        raise RuntimeError(f"leaked {PAYLOAD_MARKER}")
+
+    monkeypatch.setattr(views, "describe", broken)
+    client = make_app(**env).test_client()
+    assert_error(client.post("/webhook/particle", data=particle_event(), headers=bearer()), 500)
+    (entry,) = audit_json(env, "--status", "500")
+    assert entry["reason"] == "unexpected error (RuntimeError)" and entry["key"] == fingerprint(PARTICLE_SECRET)

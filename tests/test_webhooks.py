@@ -21,6 +21,7 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from tests.conftest import CORE_ID, assert_accepted, assert_error, bearer, particle_event, signed_headers
+from webhook_server.ingest.events import EVENT_HEADERS
 
 FORM = "application/x-www-form-urlencoded"
 SECURITY_HEADERS = {
@@ -946,3 +947,15 @@ def test_a_store_that_cannot_write_is_503_with_retry_after(
     body = assert_error(response, 503, "unavailable")
     assert response.headers["Retry-After"] == "5"
     assert "disk" not in body["message"]
+
+
+def test_a_senders_event_header_names_the_event_for_shopify_and_gitlab_too(make_app: Callable[..., Flask]) -> None:
+    client = make_app().test_client()
+    for header, name in (("X-Shopify-Topic", "orders/create"), ("X-Gitlab-Event", "Push Hook")):
+        body = b'{"type": "from-the-body"}'
+        headers = signed_headers(body, **{header: name, "Content-Type": "application/json"})
+        event_id = assert_accepted(client.post("/webhook", data=body, headers=headers))
+        with client.application.app_context():
+            stored = client.application.extensions["webhook_store"].get_event(event_id)
+        assert stored is not None and stored.event == name
+    assert EVENT_HEADERS[0] == "X-GitHub-Event"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, overload
 
-from standardwebhooks.webhooks import Webhook
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 
 class Headers(Protocol):
@@ -163,6 +163,17 @@ def _fresh(timestamp: str) -> bool:
         return False
 
 
+STANDARD_WEBHOOKS_REASONS = frozenset(
+    {
+        "Missing required headers",
+        "No matching signature found",
+        "Invalid Signature Headers",
+        "Message timestamp too old",
+        "Message timestamp too new",
+    }
+)
+
+
 def verify_standard_webhooks(source: Keys, headers: Headers, body: bytes) -> int:
     """Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64>`."""
     wanted = {k: headers.get(k, "") for k in ("webhook-id", "webhook-timestamp", "webhook-signature")}
@@ -172,10 +183,12 @@ def verify_standard_webhooks(source: Keys, headers: Headers, body: bytes) -> int
         try:
             Webhook(secret).verify(body, wanted, json_parse=False)
             matched = index if matched is None else matched
-        # The library raises several types on hostile input (bad base64, missing commas, bad UTF-8);
-        # its messages ("Message timestamp too old", "Missing required headers") name no secret.
+        # The library raises several types on hostile input (bad base64, missing commas, bad UTF-8).
+        # Only its own fixed messages are kept: others quote the sender's bytes or lengths, and a
+        # reason per request would give each refusal an audit row of its own.
         except Exception as exc:
-            reason = f"standard webhooks: {str(exc)[:100] or type(exc).__name__}"
+            known = isinstance(exc, WebhookVerificationError) and str(exc) in STANDARD_WEBHOOKS_REASONS
+            reason = f"standard webhooks: {exc if known else type(exc).__name__}"
     return _matched(matched, reason)
 
 

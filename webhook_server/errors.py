@@ -152,4 +152,5 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
         app.logger.exception("unhandled error", exc_info=error)
+        g.reason = f"unexpected error ({type(error).__name__})"  # its message could quote anything
         return error_response(InternalServerError("The server failed to handle this request."))

@@ -55,10 +55,13 @@ def _kept(conn: sqlite3.Connection, entry: AuditRecord) -> None:
 def accepted_writer() -> Callable[[sqlite3.Connection, str, bool], None]:
     """What writes this request's record in its event's transaction, once the event has an id."""
     entry = current_record(202)
+    started = g.get("started")
 
     def write(conn: sqlite3.Connection, event_id: str, created: bool) -> None:
         status, reason = (202, None) if created else (200, REDELIVERY)
-        _kept(conn, replace(entry, status=status, reason=reason, event_id=event_id))
+        # Timed here, in the transaction: the wait for the store's write lock is handling time too.
+        spent = round((time.perf_counter() - started) * 1000, 3) if started is not None else entry.duration_ms
+        _kept(conn, replace(entry, status=status, reason=reason, event_id=event_id, duration_ms=spent))
 
     return write
 

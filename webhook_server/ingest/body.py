@@ -111,7 +111,8 @@ def parse_form(body: bytes) -> dict[str, str]:
     form: dict[str, str] = {}
     for key, value in pairs:
         if key in form:
-            raise MalformedBody(f"The form field {key!r} appears more than once.")
+            # The field's name stays out: it is the sender's text, and the reason goes to the log.
+            raise MalformedBody("A form field appears more than once.")
         form[key] = value
     check_structure(form)
     return form

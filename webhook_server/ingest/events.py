@@ -11,6 +11,8 @@ from webhook_server.auth import SCHEMES, Headers
 from webhook_server.ingest.sources import Source
 
 MAX_NAME_LENGTH = 200
+# Where senders name the event, before the body's `event` or `type` field.
+EVENT_HEADERS = ("X-GitHub-Event", "X-Shopify-Topic", "X-Gitlab-Event", "X-Event-Key", "X-Event-Type")
 # Never kept with an event: credentials, and what the transport or a proxy added rather than
 # the sender (re-sending them would be wrong, and X-Forwarded-For is a client's address).
 NOT_KEPT = frozenset(
@@ -28,7 +30,8 @@ def describe(source: Source, headers: Headers, payload: Any) -> tuple[str, str, 
     if source.parser == "particle":
         return str(payload["event"]), str(payload["coreid"]).lower(), particle_dedupe_key(payload)
     body = payload if isinstance(payload, dict) else {}
-    event = headers.get("X-GitHub-Event") or _string(body.get("event")) or _string(body.get("type")) or ""
+    named = next((headers[h] for h in EVENT_HEADERS if headers.get(h)), None)
+    event = named or _string(body.get("event")) or _string(body.get("type")) or ""
     device = _string(body.get("device")) or ""
     delivery_id = SCHEMES[source.scheme].delivery_id(headers, payload)
     key = f"d:{delivery_id[:MAX_NAME_LENGTH]}" if delivery_id else None

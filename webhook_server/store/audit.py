@@ -6,8 +6,10 @@ client address, status, reason and key) within one minute are one row with a cou
 time and the summed handling time, so a flood of one kind of refusal adds one row a minute. At
 most DISTINCT_REFUSALS_PER_MINUTE different refusals get rows of their own each minute (the
 count lives in the `counters` table, shared by every process); past that, refusals also fold
-across client addresses, into rows whose client is MANY_CLIENTS. A flood from a million
-addresses therefore adds at most that many rows a minute, plus one per kind of refusal.
+across client addresses, into rows whose client is MANY_CLIENTS, and MORE_REASONS rows later across
+reasons too (MANY_REASONS). A flood from a million addresses, each with a reason of its own,
+therefore adds at most DISTINCT_REFUSALS_PER_MINUTE + MORE_REASONS rows a minute, plus one per
+source, status and secret.
 
 Every function here runs inside the caller's transaction.
 """
@@ -15,6 +17,7 @@ Every function here runs inside the caller's transaction.
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +26,9 @@ from webhook_server.store.counters import increment
 
 FOLD_SECONDS = 60
 DISTINCT_REFUSALS_PER_MINUTE = 500
+MORE_REASONS = 100
 MANY_CLIENTS = "*"
+MANY_REASONS = "(many different reasons)"
 
 
 @dataclass(frozen=True)
@@ -78,11 +83,28 @@ INSERT_FOLD = (
 
 def _fold(conn: sqlite3.Connection, entry: AuditRecord) -> None:
     bucket = int(entry.at // FOLD_SECONDS)
-    if conn.execute(FOLD, (entry.at, entry.duration_ms, bucket, *_folded(entry))).rowcount:
+    columns = _folded(entry)
+    if _folded_into(conn, entry, bucket, columns):
         return
-    rows, _ = increment(conn, f"audit-rows:{bucket}", FOLD_SECONDS * 2)
-    columns = _folded(entry, MANY_CLIENTS if rows > DISTINCT_REFUSALS_PER_MINUTE else None)
+    key = f"audit-rows:{bucket}"
+    # The counters' windows run on the clock `increment` reads.
+    rows = conn.execute("SELECT count FROM counters WHERE key = ? AND expires_at > ?", (key, time.time())).fetchone()
+    made = int(rows[0]) if rows else 0
+    # Past the cap, one row per source, status and reason, whatever the address; MORE_REASONS
+    # rows later, one per source and status (reasons made to differ each time).
+    if made >= DISTINCT_REFUSALS_PER_MINUTE:
+        columns = _folded(entry, MANY_CLIENTS)
+        if made >= DISTINCT_REFUSALS_PER_MINUTE + MORE_REASONS:
+            columns = (columns[0], MANY_CLIENTS, entry.status, MANY_REASONS, columns[4])
+        if _folded_into(conn, entry, bucket, columns):
+            return
     conn.execute(INSERT_FOLD, (entry.at, entry.at, *columns, entry.duration_ms, bucket))
+    increment(conn, key, FOLD_SECONDS * 2)  # counted only when a row is added
+
+
+def _folded_into(conn: sqlite3.Connection, entry: AuditRecord, bucket: int, columns: tuple[Any, ...]) -> bool:
+    """True when this minute already has a row with these columns (now one request more)."""
+    return bool(conn.execute(FOLD, (entry.at, entry.duration_ms, bucket, *columns)).rowcount)
 
 
 def iso(at: float) -> str:
