@@ -220,3 +220,16 @@ def test_a_malformed_retention_is_refused_by_name(tmp_path: Path, name: str, wha
         load_settings(base_settings(tmp_path, **{name: value}))
     assert caught.value.problems == [f"{name} must be a whole number of days (0 or more; 0 keeps {what} forever)"]
     assert PARTICLE_SECRET not in str(caught.value)
+
+
+def test_a_batch_of_large_events_is_bounded_by_their_size_not_only_their_number(store: Store) -> None:
+    with store.transaction() as conn:
+        for n in range(12):  # 12 old events of 1 MB each
+            conn.execute(
+                "INSERT INTO events (source, received_at, payload, dispatched, body)"
+                " VALUES ('particle', ?, '{}', 1, ?)",
+                (iso(CUTOFF - 1000 + n), b"x" * (1024 * 1024)),
+            )
+    first = purge(store, DAYS, DAYS, now=NOW, max_batches=1)
+    assert first.events == 4 and first.more  # about BATCH_BYTES (4 MB) in one transaction
+    assert purge(store, DAYS, DAYS, now=NOW).events == 8 and event_ids(store) == []

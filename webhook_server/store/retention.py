@@ -37,6 +37,9 @@ from webhook_server.store.audit import first_id_since, roll_up, rolled_up_throug
 from webhook_server.store.sqlite import Store
 
 BATCH_ROWS = 500
+# And at most about this much of bodies: 500 events of 1 MB held the write lock for 3-5 s, and an
+# ingest write waiting behind it gave up (503).
+BATCH_BYTES = 4 * 1024 * 1024
 MAX_BATCHES = 20  # a table, per call: 10,000 rows, well under a second of the worker's loop
 PAUSE_SECONDS = 0.005  # between batches: long enough for waiting writers to take the lock
 DAY_SECONDS = 86400
@@ -85,14 +88,15 @@ def event_batch(conn: sqlite3.Connection, before: str, limit: int) -> tuple[int,
     deliveries, stopping at the first one that must be kept; returns (events, deliveries)."""
     keep_from = conn.execute(KEEP_FROM).fetchone()[0]
     rows = conn.execute(
-        "SELECT id, received_at FROM events WHERE id < ? ORDER BY id LIMIT ?",
+        "SELECT id, received_at, COALESCE(length(body), 0) + length(payload) FROM events"
+        " WHERE id < ? ORDER BY id LIMIT ?",
         (keep_from if keep_from is not None else 2**63 - 1, limit),
     )
-    last = None
+    last, size = None, 0
     for row in rows:  # row by row: a pass with nothing old reads one row, not `limit`
-        if row[1] >= before:  # ids follow receipt: nothing after this one is older
+        if row[1] >= before or size >= BATCH_BYTES:  # ids follow receipt: nothing after is older
             break
-        last = row[0]
+        last, size = row[0], size + row[2]
     if last is None:
         return 0, 0
     # The rows read are every event up to `last`, so ranges delete exactly them.
@@ -127,7 +131,7 @@ def purge_events(store: Store, before: str, batch: int, max_batches: int, pause:
         with suppress(sqlite3.Error):
             store.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         events, deliveries = events + removed, deliveries + dropped
-        if removed < batch:
+        if removed == 0:
             return events, deliveries, False
     return events, deliveries, True
 
