@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -344,3 +345,28 @@ def test_a_target_that_drips_its_answer_is_cut_off_at_its_timeout(tmp_path: Path
     f.clock.advance(60)
     f.drain()
     assert f.forwards() == [(1, "drip", "sent", 2)]
+
+
+def test_forwards_to_a_target_taken_out_of_the_file_become_dead_letters(tmp_path: Path, receiver: Receiver) -> None:
+    f = Forwarding(tmp_path, target_table("old", "http://127.0.0.1:9/x"))  # refused: stays pending
+    f.post(b'{"n": 1}')
+    f.drain()
+    assert f.forwards() == [(1, "old", "pending", 1)]
+    # The file loses the target; the worker restarts with the new configuration.
+    later = Forwarding(tmp_path, target_table("new", receiver.url + "/new"))
+    later.worker.housekeeping()
+    assert later.forwards() == [(1, "old", "dead", 1)]
+    error = later.worker.store.connection().execute("SELECT last_error FROM deliveries WHERE channel = 'http'")
+    assert error.fetchone()[0] == "PermanentFailure: no target named old is configured now"
+
+
+def test_a_worker_whose_loop_fails_stops_its_forwarding_too(tmp_path: Path, receiver: Receiver) -> None:
+    f = Forwarding(tmp_path, target_table("svc", receiver.url + "/svc"))
+
+    def broken() -> int:
+        raise ValueError("a bug in a pass")
+
+    f.worker.notify_once = broken  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="a bug"):
+        f.worker.run(threading.Event())
+    assert [t.name for t in threading.enumerate() if t.name == "forwarding"] == []  # the process can exit

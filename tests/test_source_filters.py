@@ -110,6 +110,11 @@ BAD = [
         'cooldown_seconds = "300"\n', "cooldown_seconds must be a whole number of seconds", id="cooldown-text"
     ),
     pytest.param("cooldown_seconds = true\n", "cooldown_seconds must be a whole number of seconds", id="cooldown-bool"),
+    pytest.param(
+        "cooldown_seconds = 86401\n",
+        "cooldown_seconds must be a whole number of seconds, 0 to 86400",
+        id="cooldown-over-a-day",
+    ),
     pytest.param('event = ["push"]\n', "unknown keys event", id="unknown-key-typo"),
     pytest.param("cooldown = 5\n", "unknown keys cooldown", id="unknown-key-cooldown"),
 ]

@@ -31,7 +31,7 @@ from jwcrypto.jwe import JWE
 from standardwebhooks.webhooks import Webhook
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import HTTPError, NewConnectionError, ProtocolError, TimeoutError
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError, TimeoutError
 
 from webhook_server.ingest.targets import Target
 from webhook_server.store.records import StoredEvent
@@ -129,19 +129,40 @@ def network_error(exc: Exception, timeout: float) -> Outcome:
     return Outcome(False, True, f"network error ({type(exc).__name__})")
 
 
-# The connection each sending thread is using now, so that its deadline can cut it off.
+# The connection each sending thread is using now, and that thread's deadline, so that the
+# deadline can cut the connection off: from the moment it connects, not only once it sends.
 _IN_USE: dict[int, HTTPConnection] = {}
+_DEADLINES: dict[int, Deadline] = {}
+
+
+def _watch(connection: HTTPConnection) -> None:
+    """Register `connection` for this thread's deadline; refuse to go on past it."""
+    thread = threading.get_ident()
+    _IN_USE[thread] = connection
+    deadline = _DEADLINES.get(thread)
+    if deadline is not None and deadline.expired:
+        raise ConnectTimeoutError(connection, "the try's deadline passed")
 
 
 class _WatchedHTTP(HTTPConnection):
+    def connect(self) -> None:
+        _watch(self)
+        super().connect()
+        _watch(self)  # the deadline may have passed while connecting, with no socket to cut yet
+
     def request(self, *args: Any, **kwargs: Any) -> None:
-        _IN_USE[threading.get_ident()] = self
+        _watch(self)
         super().request(*args, **kwargs)
 
 
 class _WatchedHTTPS(HTTPSConnection):
+    def connect(self) -> None:
+        _watch(self)
+        super().connect()  # the TLS handshake: its socket exists, and a cut ends it
+        _watch(self)
+
     def request(self, *args: Any, **kwargs: Any) -> None:
-        _IN_USE[threading.get_ident()] = self
+        _watch(self)
         super().request(*args, **kwargs)
 
 
@@ -165,25 +186,31 @@ class Deadline:
         self._lock = threading.Lock()  # a cut never reaches a connection already back in the pool
 
     def cut(self) -> None:
-        """Shut the connection this try is using, if it is still going: its blocked read returns."""
+        """Shut the connection this try is using, if it is still going: its blocked read returns.
+        Before a connection exists the try is stopped when it gets one (`_watch`)."""
         with self._lock:
             if self.done:  # over: the thread's connection now belongs to a later try
                 return
-            connection = _IN_USE.get(self._thread)
-            self.expired = connection is not None
-            sock = getattr(connection, "sock", None)
+            self.expired = True
+            sock = getattr(_IN_USE.get(self._thread), "sock", None)
             if sock is not None:
                 with suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
+    def finish(self) -> None:
+        """The try is over: a cut from now on leaves its connection (back in the pool) alone."""
+        with self._lock:
+            self.done = True
+            _IN_USE.pop(self._thread, None)
+            _DEADLINES.pop(self._thread, None)
+
     def __enter__(self) -> Deadline:
+        _DEADLINES[self._thread] = self
         WATCHDOG.watch(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self.done = True
-            _IN_USE.pop(self._thread, None)
+        self.finish()
 
 
 class Watchdog:
@@ -232,22 +259,23 @@ class HttpTransport:
                     "POST", target.url, body=body, headers=headers, timeout=timeout,
                     retries=False, redirect=False, preload_content=False,
                 )  # fmt: skip
-            except HTTPError as exc:
+            except (HTTPError, OSError) as exc:
+                deadline.finish()
                 return network_error(TimeoutError() if deadline.expired else exc, target.timeout_seconds)
-            finish(response)
+            whole = read_answer(response)
+            deadline.finish()  # before the connection can go back to the pool
+        if deadline.expired or not whole:  # cut off, or more than we read: not reused
+            response.close()
+        else:
+            response.release_conn()
         if deadline.expired:  # cut off while the answer was read: it may not be whole
             return network_error(TimeoutError(), target.timeout_seconds)
         return outcome_of(response.status, response.headers.get("Retry-After"))
 
 
-def finish(response: urllib3.BaseHTTPResponse) -> None:
-    """Read the answer's body, at most MAX_RESPONSE_BYTES: the connection goes back to the pool
-    when that was all of it, and is dropped when there is more (or it broke)."""
+def read_answer(response: urllib3.BaseHTTPResponse) -> bool:
+    """Read the answer's body, at most MAX_RESPONSE_BYTES; True when that was all of it."""
     try:
-        whole = len(response.read(MAX_RESPONSE_BYTES + 1)) <= MAX_RESPONSE_BYTES
-    except HTTPError:
-        whole = False  # the status is what counts
-    if whole:
-        response.release_conn()
-    else:
-        response.close()
+        return len(response.read(MAX_RESPONSE_BYTES + 1)) <= MAX_RESPONSE_BYTES
+    except (HTTPError, OSError):
+        return False  # the status is what counts

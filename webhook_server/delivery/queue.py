@@ -133,6 +133,19 @@ class DeliveryQueue:
             self.add_forwards(conn, event_id, row["source"], row["event"])
             return conn.total_changes - before
 
+    def bury_forwards_without_target(self) -> int:
+        """Pending forwards to a target no longer in SOURCES_FILE become dead letters (nothing would
+        ever claim them, and retention keeps every event from the oldest pending delivery on)."""
+        names = sorted(self.settings.targets)
+        marks = ",".join("?" * len(names))
+        bury = (
+            "UPDATE deliveries SET status = 'dead', lease_until = 0,"  # noqa: S608 - marks are only ?s
+            " last_error = 'PermanentFailure: no target named ' || recipient || ' is configured now'"
+            f" WHERE status = 'pending' AND channel = 'http' AND recipient NOT IN ({marks})"
+        )
+        with self.store.transaction() as conn:
+            return conn.execute(bury, names).rowcount
+
     # -- leases and outcomes ------------------------------------------------------------
 
     def claim(self, limit: int, now: float | None = None) -> list[Notification]:
@@ -164,8 +177,8 @@ class DeliveryQueue:
         params = (target.name, now, now, limit)
         if self.store.connection().execute(due, params).fetchone() is None:
             return []
-        # The lease outlasts the request's own timeouts (connect and read), whatever they are.
-        lease = max(self.settings.delivery_lease_seconds, 3 * target.timeout_seconds)
+        # A try never outlasts timeout_seconds (channels.http.Deadline): the lease is that and a margin.
+        lease = max(self.settings.delivery_lease_seconds, target.timeout_seconds + 15)
         return self._lease(due, params, now + lease)
 
     def _lease(self, due: str, params: tuple[Any, ...], until: float) -> list[Notification]:

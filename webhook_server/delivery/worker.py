@@ -187,23 +187,40 @@ class Worker:
 
     def housekeeping(self) -> bool:
         """Retention, and expired rate-limit windows; True when old rows are left for another pass."""
+        buried = self.queue.bury_forwards_without_target()
+        if buried:
+            log.warning("%s pending forwards to targets no longer configured are now dead letters", buried)
         purged = purge(self.store, self.settings.event_retention_days, self.settings.audit_retention_days, self.clock())
         if purged.removed:
             log_purged(purged)
-        if not self.settings.redis_url:  # Redis expires its own keys
-            storage = SQLiteStorage(storage_uri(self.settings.database_path, None))
-            removed = storage.purge_expired()
-            if removed:
-                log.debug("purged %s expired rate-limit counters", removed)
+        # With Redis the rate limits live there, but the audit's per-minute counts stay here.
+        storage = SQLiteStorage(storage_uri(self.settings.database_path, None))
+        removed = storage.purge_expired()
+        if removed:
+            log.debug("purged %s expired counters", removed)
         return purged.more
 
     def run(self, stop: Stopper) -> None:
-        """Loop until `stop` is set; a store error is logged and retried, never fatal."""
+        """Loop until `stop` is set; a store error is logged and retried, never fatal. Anything
+        else ends the process (its supervisor restarts it), forwarding included."""
         log.info("delivery worker started (poll every %ss)", self.settings.worker_poll_seconds)
+        halted = threading.Event()
         forwarding = threading.Thread(
-            target=self.forwarding.run, args=(stop.is_set, self.settings.worker_poll_seconds), name="forwarding"
+            target=self.forwarding.run,
+            args=(lambda: stop.is_set() or halted.is_set(), self.settings.worker_poll_seconds),
+            name="forwarding",
         )
         forwarding.start()
+        try:
+            self._loop(stop)
+        finally:
+            halted.set()
+            self.forwarding.wake.set()
+            self._pool.shutdown(wait=True)
+            forwarding.join()
+        log.info("delivery worker stopped")
+
+    def _loop(self, stop: Stopper) -> None:
         next_housekeeping = time.monotonic() + FIRST_HOUSEKEEPING_SECONDS
         while not stop.is_set():
             try:
@@ -218,6 +235,3 @@ class Worker:
                 busy = 0
             if not busy:
                 stop.wait(self.settings.worker_poll_seconds)
-        self._pool.shutdown(wait=True)
-        forwarding.join()
-        log.info("delivery worker stopped")
