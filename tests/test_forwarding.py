@@ -26,6 +26,7 @@ from tests.test_metrics import scrape, value
 from webhook_server import create_app
 from webhook_server.channels.http import MAX_RESPONSE_BYTES, message_id, retry_after
 from webhook_server.delivery.worker import Worker
+from webhook_server.live.doorbell import Doorbell
 from webhook_server.settings import load_settings
 from webhook_server.store.sqlite import Store
 
@@ -370,3 +371,21 @@ def test_a_worker_whose_loop_fails_stops_its_forwarding_too(tmp_path: Path, rece
     with pytest.raises(ValueError, match="a bug"):
         f.worker.run(threading.Event())
     assert [t.name for t in threading.enumerate() if t.name == "forwarding"] == []  # the process can exit
+
+
+def test_a_new_event_wakes_the_worker_at_once_not_at_its_next_look(tmp_path: Path, receiver: Receiver) -> None:
+    f = Forwarding(tmp_path, target_table("svc", receiver.url + "/svc"), WORKER_POLL_SECONDS=5)
+    f.worker.clock = f.worker.queue.clock = time.time
+    stop = threading.Event()
+    running = threading.Thread(target=f.worker.run, args=(stop,))
+    running.start()
+    try:
+        time.sleep(0.5)  # the worker is waiting: its next look is 5 s away
+        posted = time.monotonic()
+        f.post(b'{"n": 1}')  # the way in rings DATA_DIR/live after the commit
+        (arrival,) = receiver.wait_for(1, timeout=4)
+        assert arrival.at - posted < 1.0
+    finally:
+        stop.set()
+        Doorbell(tmp_path / "data" / "live").ring()  # so it sees the stop now, not in 5 s
+        running.join(timeout=10)

@@ -73,8 +73,11 @@ def stopping() -> bool:
 
 
 def init_app(app: Flask, settings: Settings, store: Store) -> Live | None:
-    """The hub for this process, when SUBSCRIBER_TOKENS opens the stream to anyone."""
+    """The hub for this process, when SUBSCRIBER_TOKENS opens the stream to anyone. Either way each
+    stored event rings the host's doorbell, which the delivery worker listens to as well."""
     if not settings.subscriber_tokens:
+        bell = Doorbell(settings.data_dir / "live")
+        event_stored.connect(lambda sender, **_: bell.ring(), sender=store, weak=False)
         return None
     doorbell = Doorbell(settings.data_dir / "live", RedisBell(settings.redis_url) if settings.redis_url else None)
     live = Live(Hub(store, doorbell), doorbell, max(settings.web_threads - RESERVED_THREADS, 1))
