@@ -425,3 +425,27 @@ def test_a_server_failure_is_audited_with_the_kind_of_error_only(
     assert_error(client.post("/webhook/particle", data=particle_event(), headers=bearer()), 500)
     (entry,) = audit_json(env, "--status", "500")
     assert entry["reason"] == "unexpected error (RuntimeError)" and entry["key"] == fingerprint(PARTICLE_SECRET)
+
+
+def test_a_schema_violation_is_logged_by_the_schemas_own_names_only(
+    make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
+    schema = {
+        "type": "object",
+        "required": ["site"],
+        "properties": {
+            "site": {"type": "string"},
+            "readings": {"type": "object", "additionalProperties": {"type": "number"}},
+        },
+    }
+    (tmp_path / "schema.json").write_text(json.dumps(schema), encoding="utf-8")
+    path = tmp_path / "s.toml"
+    path.write_text('[sources.meter]\nscheme = "bearer"\nsecrets = ["METER_SECRET"]\nschema = "schema.json"\n', "utf-8")
+    env = {"SOURCES_FILE": str(path), "METER_SECRET": "meter-secret-0123456789", "DATA_DIR": str(tmp_path / "data")}
+    client = make_app(**env).test_client()
+    body = {"readings": {"room-of-" + PAYLOAD_MARKER: "warm", "hall": [1]}}
+    response = client.post("/webhook/meter", json=body, headers=bearer("meter-secret-0123456789"))
+    answer = assert_error(response, 422)
+    assert f"/readings/room-of-{PAYLOAD_MARKER}" in answer["fields"]  # the sender learns which of its keys
+    (entry,) = audit_json(env, "--status", "422")
+    assert entry["reason"] == "schema violation at /readings/*, /site" and PAYLOAD_MARKER not in json.dumps(entry)

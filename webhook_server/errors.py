@@ -93,11 +93,12 @@ class WrongContentType(UnsupportedMediaType):
 class SchemaViolation(UnprocessableEntity):
     """The body parsed but does not match the source's schema."""
 
-    def __init__(self, message: str, fields: list[str]) -> None:
+    def __init__(self, message: str, fields: list[str], logged: list[str] | None = None) -> None:
         super().__init__(message)
         self.fields = fields
-        # For the log: which fields, never their values.
-        self.reason = "schema violation at " + ", ".join(fields)
+        # For the log and the audit: which fields, never their values, and only names the schema
+        # declares (`logged`; a key the sender chose is `*`).
+        self.reason = "schema violation at " + ", ".join(fields if logged is None else logged)
 
 
 class RateLimited(TooManyRequests):

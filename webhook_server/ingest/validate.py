@@ -3,6 +3,8 @@ JSON Pointers (the validators are built at start, in `ingest.validators`)."""
 
 from __future__ import annotations
 
+import functools
+import json
 from datetime import datetime
 from typing import Any
 
@@ -36,7 +38,41 @@ def validate(validator: Draft202012Validator | None, payload: Any, particle: boo
     if not fields:
         return
     fields = sorted(dict.fromkeys(fields))
-    raise SchemaViolation("The payload does not match the schema: " + "; ".join(messages), fields)
+    named = declared_names(validator.schema) if validator else frozenset()
+    logged = sorted(dict.fromkeys(_schema_pointer(field, named) for field in fields))
+    raise SchemaViolation("The payload does not match the schema: " + "; ".join(messages), fields, logged)
+
+
+@functools.cache
+def _declared(schema_text: str) -> frozenset[str]:
+    names: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in ("properties", "required"):
+                value = node.get(key)
+                names.update(value if isinstance(value, list) else value or {})
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(json.loads(schema_text))
+    return frozenset(n for n in names if isinstance(n, str))
+
+
+def declared_names(schema: Any) -> frozenset[str]:
+    """Every property name the schema itself declares (its `properties` and `required`)."""
+    return _declared(json.dumps(schema, sort_keys=True, default=str))
+
+
+def _schema_pointer(pointer: str, named: frozenset[str]) -> str:
+    """`pointer` for the log and the audit: a key the schema does not declare is the sender's
+    own text, so it becomes `*` (array indices stay)."""
+    parts = pointer.split("/")[1:]
+    kept = [p if p.isdigit() or p.replace("~1", "/").replace("~0", "~") in named else "*" for p in parts]
+    return "".join("/" + p for p in kept)
 
 
 def _message(error: ValidationError) -> str:
