@@ -120,7 +120,11 @@ class Receiver:
             disable_nagle_algorithm = True
 
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                expected = int(self.headers.get("Content-Length", "0"))
+                body = self.rfile.read(expected)
+                if len(body) < expected:  # the sender died mid-request (kill -9): not a request at all
+                    self.close_connection = True
+                    return
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 reply = receiver.next_reply(self.path)
                 if reply.delay:
