@@ -28,16 +28,20 @@ def is_webhook_path(path: str) -> bool:
     return path == "/webhook" or path.startswith("/webhook/")
 
 
+def elapsed_ms(started: float | None) -> float:
+    """Milliseconds since `started` (the access log's `g.started`), 0 when it is unknown."""
+    return round((time.perf_counter() - started) * 1000, 3) if started is not None else 0.0
+
+
 def current_record(status: int) -> AuditRecord:
     """This request's record so far: the view and the error handler have put what they know in `g`."""
-    started = g.get("started")
     return AuditRecord(
         at=time.time(),
         source=g.get("source_name"),
         client=request.remote_addr,
         status=status,
         reason=g.get("reason"),
-        duration_ms=round((time.perf_counter() - started) * 1000, 3) if started is not None else 0.0,
+        duration_ms=elapsed_ms(g.get("started")),
         key=g.get("key"),
     )
 
@@ -60,7 +64,7 @@ def accepted_writer() -> Callable[[sqlite3.Connection, str, bool], None]:
     def write(conn: sqlite3.Connection, event_id: str, created: bool) -> None:
         status, reason = (202, None) if created else (200, REDELIVERY)
         # Timed here, in the transaction: the wait for the store's write lock is handling time too.
-        spent = round((time.perf_counter() - started) * 1000, 3) if started is not None else entry.duration_ms
+        spent = elapsed_ms(started)
         _kept(conn, replace(entry, status=status, reason=reason, event_id=event_id, duration_ms=spent))
 
     return write

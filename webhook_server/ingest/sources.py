@@ -49,7 +49,7 @@ class Source:
     recipients: tuple[str, ...] | None = None
     notify: bool = True
     signature_header: str | None = None
-    secret_names: tuple[str, ...] = ()  # the variables the secrets came from (SOURCES_FILE)
+    secret_names: tuple[str, ...] = ()  # the variables the secrets came from
     events: tuple[str, ...] | None = None  # glob patterns on the event name; None: every event
     cooldown_seconds: int | None = None  # None: ALERT_COOLDOWN_SECONDS
 
@@ -76,11 +76,20 @@ def builtin_sources(particle_secret: str | None, webhook_secret: str | None) -> 
     sources: dict[str, Source] = {}
     if particle_secret:
         sources["particle"] = Source(
-            "particle", "bearer", (particle_secret,), parser="particle", validator=packaged_validator("particle.json")
+            "particle",
+            "bearer",
+            (particle_secret,),
+            parser="particle",
+            validator=packaged_validator("particle.json"),
+            secret_names=("PARTICLE_WEBHOOK_SECRET",),
         )
     if webhook_secret:
         sources["generic"] = Source(
-            "generic", "hmac-sha256", (webhook_secret,), validator=packaged_validator("generic.json")
+            "generic",
+            "hmac-sha256",
+            (webhook_secret,),
+            validator=packaged_validator("generic.json"),
+            secret_names=("WEBHOOK_SECRET",),
         )
     return sources
 

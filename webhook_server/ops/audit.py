@@ -18,8 +18,6 @@ from webhook_server.ops.events import duration_seconds
 from webhook_server.store import audit
 from webhook_server.store.sqlite import Store
 
-BUILTIN_SECRET_NAMES = {"particle": ("PARTICLE_WEBHOOK_SECRET",), "generic": ("WEBHOOK_SECRET",)}
-
 
 def records(
     store: Store, source: str | None, status: int | None, since: str | None, limit: int, now: float | None = None
@@ -45,7 +43,7 @@ def describe_sources(
     uses = audit.secret_uses(store.connection())
     described = []
     for name, source in sorted(sources.items()):
-        variables = source.secret_names or BUILTIN_SECRET_NAMES.get(name, ())
+        variables = source.secret_names
         secrets = []
         for index, secret in enumerate(source.secrets):
             key = fingerprint(secret)

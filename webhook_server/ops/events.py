@@ -10,10 +10,9 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from webhook_server.store.records import StoredEvent, event_from_row
+from webhook_server.store.records import StoredEvent, event_from_row, iso_utc
 from webhook_server.store.sqlite import Store
 
 DURATION = re.compile(r"^([0-9]{1,9})([smhd])$")
@@ -44,8 +43,7 @@ def parse_since(value: str, now: float | None = None) -> Since:
         start = (time.time() if now is None else now) - duration_seconds(value)
     except ValueError:
         raise ValueError("expected an event id or a duration such as 90s, 15m, 2h or 7d") from None
-    iso = datetime.fromtimestamp(start, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-    return Since(received_after=iso)
+    return Since(received_after=iso_utc(start))
 
 
 def list_events(store: Store, source: str | None, since: Since, limit: int) -> list[tuple[StoredEvent, str]]:

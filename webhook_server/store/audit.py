@@ -19,10 +19,10 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from webhook_server.store.counters import increment
+from webhook_server.store.records import iso_utc
 
 FOLD_SECONDS = 60
 DISTINCT_REFUSALS_PER_MINUTE = 500
@@ -57,13 +57,14 @@ def record(conn: sqlite3.Connection, entry: AuditRecord) -> None:
     _fold(conn, entry)
 
 
-def _folded(entry: AuditRecord, client: str | None = None) -> tuple[str, str, int, str, str]:
-    """The columns identical refusals share, '' standing for none (see store.schema)."""
+def _folded(entry: AuditRecord, client: str | None = None, reason: str | None = None) -> tuple[str, str, int, str, str]:
+    """The columns identical refusals share, '' standing for none (see store.schema); `client`
+    and `reason` replace the entry's own (past the cap)."""
     return (
         entry.source or "",
         client if client is not None else entry.client or "",
         entry.status,
-        (entry.reason or "")[:300],
+        reason if reason is not None else (entry.reason or "")[:300],
         entry.key or "",
     )
 
@@ -93,9 +94,8 @@ def _fold(conn: sqlite3.Connection, entry: AuditRecord) -> None:
     # Past the cap, one row per source, status and reason, whatever the address; MORE_REASONS
     # rows later, one per source and status (reasons made to differ each time).
     if made >= DISTINCT_REFUSALS_PER_MINUTE:
-        columns = _folded(entry, MANY_CLIENTS)
-        if made >= DISTINCT_REFUSALS_PER_MINUTE + MORE_REASONS:
-            columns = (columns[0], MANY_CLIENTS, entry.status, MANY_REASONS, columns[4])
+        many_reasons = made >= DISTINCT_REFUSALS_PER_MINUTE + MORE_REASONS
+        columns = _folded(entry, MANY_CLIENTS, MANY_REASONS if many_reasons else None)
         if _folded_into(conn, entry, bucket, columns):
             return
     conn.execute(INSERT_FOLD, (entry.at, entry.at, *columns, entry.duration_ms, bucket))
@@ -108,7 +108,8 @@ def _folded_into(conn: sqlite3.Connection, entry: AuditRecord, bucket: int, colu
 
 
 def iso(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """An audit time as `audit` prints it (milliseconds)."""
+    return iso_utc(at, "milliseconds")
 
 
 def as_dict(row: sqlite3.Row) -> dict[str, Any]:

@@ -67,6 +67,11 @@ class StoredEvent:
 NOT_KEPT: dict[str, Any] = {"content_type": None, "headers": [], "body_base64": None}
 
 
+def iso_utc(at: float, timespec: str = "microseconds") -> str:
+    """Seconds since the epoch as events' `received_at` is written (so text order is time order)."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
 def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 

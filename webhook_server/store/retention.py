@@ -31,9 +31,9 @@ import sqlite3
 import time
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from webhook_server.store.audit import first_id_since, roll_up, rolled_up_through
+from webhook_server.store.records import iso_utc
 from webhook_server.store.sqlite import Store
 
 BATCH_ROWS = 500
@@ -76,11 +76,6 @@ def cutoff_seconds(now: float, days: int) -> float | None:
     if days <= 0 or days * DAY_SECONDS >= now:
         return None
     return now - days * DAY_SECONDS
-
-
-def iso(at: float) -> str:
-    """`at` as events' `received_at` is written, so text order is time order."""
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def event_batch(conn: sqlite3.Connection, before: str, limit: int) -> tuple[int, int]:
@@ -167,7 +162,7 @@ def purge(
     events = deliveries = audit = 0
     more_events = more_audit = False
     if (event_cutoff := cutoff_seconds(now, event_days)) is not None:
-        events, deliveries, more_events = purge_events(store, iso(event_cutoff), batch, max_batches, pause)
+        events, deliveries, more_events = purge_events(store, iso_utc(event_cutoff), batch, max_batches, pause)
     if (audit_cutoff := cutoff_seconds(now, audit_days)) is not None:
         audit, more_audit = purge_audit(store, audit_cutoff, batch, max_batches, pause)
     return Purged(events, deliveries, audit, more_events or more_audit)
