@@ -144,10 +144,12 @@ def _watch(connection: HTTPConnection) -> None:
         raise ConnectTimeoutError(connection, "the try's deadline passed")
 
 
-class _WatchedHTTP(HTTPConnection):
+class _Watched(HTTPConnection):
+    """A connection its thread's deadline can reach from the moment it connects."""
+
     def connect(self) -> None:
         _watch(self)
-        super().connect()
+        super().connect()  # for HTTPS the TLS handshake too: its socket exists, and a cut ends it
         _watch(self)  # the deadline may have passed while connecting, with no socket to cut yet
 
     def request(self, *args: Any, **kwargs: Any) -> None:
@@ -155,15 +157,12 @@ class _WatchedHTTP(HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class _WatchedHTTPS(HTTPSConnection):
-    def connect(self) -> None:
-        _watch(self)
-        super().connect()  # the TLS handshake: its socket exists, and a cut ends it
-        _watch(self)
+class _WatchedHTTP(_Watched):
+    pass
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _watch(self)
-        super().request(*args, **kwargs)
+
+class _WatchedHTTPS(_Watched, HTTPSConnection):
+    pass
 
 
 class _HTTPPool(HTTPConnectionPool):

@@ -32,8 +32,7 @@ class ForwardLoop:
         self.deliver = deliver
         self.wake = threading.Event()  # a send finished, or new forwards were queued
         self._lock = threading.Lock()
-        self._in_flight = dict.fromkeys(targets, 0)
-        self._sending: set[int] = set()  # delivery ids being sent now
+        self._sending: dict[str, set[int]] = {name: set() for name in targets}  # delivery ids, by target
         self._pools = {
             name: ThreadPoolExecutor(self.capacity(t), thread_name_prefix=f"forward-{name}")
             for name, t in targets.items()
@@ -48,16 +47,16 @@ class ForwardLoop:
         wait for them, for tests and one-shot runs)."""
         started: list[Future[None]] = []
         for name, target in self.targets.items():
+            sending = self._sending[name]
             with self._lock:
-                room = self.capacity(target) - self._in_flight[name]
+                room = self.capacity(target) - len(sending)
             if room <= 0:
                 continue
             for notification in self.queue.claim_forwards(target, room):
                 with self._lock:
-                    if notification.delivery_id in self._sending:  # its lease ran out mid-send
+                    if notification.delivery_id in sending:  # its lease ran out mid-send
                         continue
-                    self._sending.add(notification.delivery_id)
-                    self._in_flight[name] += 1
+                    sending.add(notification.delivery_id)
                 started.append(self._pools[name].submit(self._send, name, notification))
         if wait_for_sends:
             wait(started)
@@ -70,8 +69,7 @@ class ForwardLoop:
             log.exception("forward %s to %s: outcome not recorded", notification.delivery_id, name)
         finally:
             with self._lock:
-                self._in_flight[name] -= 1
-                self._sending.discard(notification.delivery_id)
+                self._sending[name].discard(notification.delivery_id)
             self.wake.set()
 
     def run(self, stopping: Callable[[], bool], poll_seconds: float) -> None:

@@ -19,7 +19,7 @@ from webhook_server.delivery.forwarding import ForwardLoop
 from webhook_server.delivery.queue import DeliveryQueue
 from webhook_server.live.doorbell import Doorbell
 from webhook_server.notify import DeliveryError, Notifier, PermanentFailure, TemporaryFailure, notifiers
-from webhook_server.ops.metrics import record_delivery, record_forward
+from webhook_server.ops.metrics import record_delivery
 from webhook_server.settings import Settings
 from webhook_server.store.counters import SQLiteStorage, storage_uri
 from webhook_server.store.records import Notification
@@ -88,9 +88,8 @@ def where(notification: Notification) -> str:
 
 def record_outcome(notification: Notification, outcome: str, latency: float | None = None) -> None:
     """The delivery metrics by channel, and a forward's by target too."""
-    record_delivery(notification.channel, outcome, latency)
-    if notification.channel == "http":
-        record_forward(notification.recipient, outcome, latency)
+    target = notification.recipient if notification.channel == "http" else None
+    record_delivery(notification.channel, outcome, latency, target)
 
 
 class Stopper(Protocol):

@@ -284,29 +284,26 @@ def _make_delivery_metrics() -> DeliveryMetrics:
     )
 
 
-def record_forward(target: str, outcome: str, latency_seconds: float | None = None) -> None:
-    """Count one forwarding attempt by target, as `record_delivery` does by channel; never raises."""
-    try:
-        instruments = delivery_metrics()
-        if latency_seconds is not None:
-            instruments.forward_seconds.labels(target).observe(max(latency_seconds, 0.0))
-        instruments.forwards.labels(target, DELIVERY_OUTCOMES.get(outcome, outcome)).inc()
-    except Exception:  # metrics are best effort
-        log.warning("could not record a forwarding metric", exc_info=True)
+def record_delivery(
+    channel: str, outcome: str, latency_seconds: float | None = None, target: str | None = None
+) -> None:
+    """Count one delivery attempt; `outcome` is sent, retry (or pending) or dead. A forward
+    (`target` given) is also counted by target.
 
-
-def record_delivery(channel: str, outcome: str, latency_seconds: float | None = None) -> None:
-    """Count one delivery attempt; `outcome` is sent, retry (or pending) or dead.
-
-    `latency_seconds` (receipt to sent) goes into ``webhook_delivery_seconds`` when given.
-    Never raises: a metrics problem must not stop deliveries.
+    `latency_seconds` (receipt to sent) goes into ``webhook_delivery_seconds`` (and
+    ``webhook_forward_seconds``) when given. Never raises: a metrics problem must not stop deliveries.
     """
     try:
         instruments = delivery_metrics()
+        label = DELIVERY_OUTCOMES.get(outcome, outcome)
         # The latency first: a scrape in between then never shows a sent delivery without it.
         if latency_seconds is not None:
             instruments.delivery_seconds.labels(channel).observe(max(latency_seconds, 0.0))
-        instruments.deliveries.labels(channel, DELIVERY_OUTCOMES.get(outcome, outcome)).inc()
+            if target is not None:
+                instruments.forward_seconds.labels(target).observe(max(latency_seconds, 0.0))
+        instruments.deliveries.labels(channel, label).inc()
+        if target is not None:
+            instruments.forwards.labels(target, label).inc()
     except Exception:  # metrics are best effort
         log.warning("could not record a delivery metric", exc_info=True)
 
