@@ -14,7 +14,11 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from tests.services import PostgresProcess
 from webhook_server.settings import DEPLOYMENT_NAMES, NOT_YET_NAMES, SETTINGS
+from webhook_server.store.base import EventStore
+from webhook_server.store.postgres import PostgresStore
+from webhook_server.store.sqlite import Store
 
 PARTICLE_SECRET = "particle-secret-0123456789"
 WEBHOOK_SECRET = "It's a Secret to Everybody"
@@ -33,6 +37,47 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresProcess]:
+    """One PostgreSQL server per test process (xdist worker); each test gets a database of its own."""
+    server = PostgresProcess().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def each_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run the test once on SQLite and once on a fresh PostgreSQL database. For the second,
+    DATABASE_URL is set, which `base_settings` and `new_store` pick up; every PostgresStore the
+    test opened is closed after it, and its database dropped."""
+    if request.param == "sqlite":
+        yield "sqlite"
+        return
+    server: PostgresProcess = request.getfixturevalue("postgres")
+    url = server.new_database()
+    monkeypatch.setenv("DATABASE_URL", url)
+    opened: list[PostgresStore] = []
+    original = PostgresStore.__init__
+
+    def tracked(self: PostgresStore, *args: Any, **kwargs: Any) -> None:
+        opened.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PostgresStore, "__init__", tracked)
+    yield "postgresql"
+    for store in opened:
+        store.close()
+    server.drop(url)
+
+
+def new_store(path: Path) -> EventStore:
+    """The store a test works on: SQLite at `path`, or PostgreSQL under `each_store`."""
+    url = os.environ.get("DATABASE_URL")
+    return PostgresStore(url) if url else Store(path)
+
+
 def base_settings(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     settings: dict[str, Any] = {
         "PARTICLE_WEBHOOK_SECRET": PARTICLE_SECRET,
@@ -40,6 +85,8 @@ def base_settings(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
         "DATA_DIR": str(tmp_path / "data"),
         "RATE_LIMIT": "1000/second",
     }
+    if os.environ.get("DATABASE_URL"):  # under `each_store`
+        settings["DATABASE_URL"] = os.environ["DATABASE_URL"]
     settings.update(overrides)
     return settings
 

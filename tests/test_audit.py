@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +22,7 @@ from tests.conftest import (
     assert_accepted,
     assert_error,
     bearer,
+    new_store,
     particle_event,
     signed_headers,
 )
@@ -40,8 +41,10 @@ from webhook_server.store.audit import (
     secret_uses,
 )
 from webhook_server.store.audit import records as audit_records
+from webhook_server.store.base import STORE_ERRORS, EventStore
 from webhook_server.store.retention import purge
-from webhook_server.store.sqlite import Store
+
+pytestmark = pytest.mark.usefixtures("each_store")
 
 TIGHT_SECRET = "tight-secret-0123456789"
 TIGHT_SECRET_OLD = "tight-secret-old-0123456789"
@@ -193,14 +196,28 @@ def test_an_accepted_record_names_its_event_and_the_secret_that_matched(
     assert audit_json(env, "--status", "401") == []
 
 
-def test_the_accepted_record_rides_in_the_events_own_transaction(make_app: Callable[..., Flask]) -> None:
+def test_the_accepted_record_rides_in_the_events_own_transaction(
+    make_app: Callable[..., Flask], each_store: str, request: pytest.FixtureRequest
+) -> None:
     app = make_app()
     client = app.test_client()
     client.get("/health")  # the connection of this thread exists before the trace starts
-    statements: list[str] = []
     with app.app_context():
-        store: Store = app.extensions["webhook_store"]
-        store.connection().set_trace_callback(statements.append)
+        store: EventStore = app.extensions["webhook_store"]
+    if each_store == "postgresql":
+        server, url = request.getfixturevalue("postgres"), os.environ["DATABASE_URL"]
+        server.log_statements(url)
+        app = make_app()  # connections opened now log their statements
+        assert_accepted(app.test_client().post("/webhook/particle", data=particle_event(), headers=bearer()))
+        logged = server.statements(url)
+        event_tx = {tx for tx, sql in logged if sql.startswith("INSERT INTO events")}
+        audit_tx = {tx for tx, sql in logged if sql.startswith("INSERT INTO audit")}
+        assert len(event_tx) == 1 and event_tx == audit_tx
+        in_it = [sql.split()[0].upper() for tx, sql in logged if tx in event_tx]
+        assert in_it[0] == "BEGIN" and in_it[-1] == "COMMIT" and in_it.count("COMMIT") == 1
+        return
+    statements: list[str] = []
+    store.connection().set_trace_callback(statements.append)  # type: ignore[attr-defined]
     assert_accepted(client.post("/webhook/particle", data=particle_event(), headers=bearer()))
     writes = [s.split()[0].upper() for s in statements if s.split()[0].upper() in ("BEGIN", "COMMIT", "INSERT")]
     assert writes.count("BEGIN") == 1 and writes.count("COMMIT") == 1
@@ -244,14 +261,14 @@ def test_an_answer_outside_webhook_paths_is_not_audited(client: FlaskClient, env
     assert audit_json(env) == []
 
 
-def record_refusal(store: Store, at: float, client: str, reason: str = "wrong bearer token") -> None:
+def record_refusal(store: EventStore, at: float, client: str, reason: str = "wrong bearer token") -> None:
     entry = AuditRecord(at=at, source="particle", client=client, status=401, reason=reason, duration_ms=1.0)
     with store.transaction() as conn:
         record(conn, entry)
 
 
 def test_refusals_fold_per_minute_and_distinct_ones_are_capped(tmp_path: Path) -> None:
-    store = Store(tmp_path / "events.sqlite3")
+    store = new_store(tmp_path / "events.sqlite3")
     minute = 1_800_000_000 // 60 * 60
     for second in (0, 10, 59):
         record_refusal(store, minute + second, "198.51.100.1")
@@ -271,13 +288,13 @@ def test_a_store_that_cannot_write_the_audit_still_answers(
 ) -> None:
     app = make_app()
     with app.app_context():
-        store: Store = app.extensions["webhook_store"]
+        store: EventStore = app.extensions["webhook_store"]
         store.connection().execute("DROP TABLE audit")
     client = app.test_client()
     assert_accepted(client.post("/webhook/particle", data=particle_event(), headers=bearer()))
     assert_error(client.post("/webhook/particle", data=particle_event()), 401)
     assert "audit record" in caplog.text
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(STORE_ERRORS):
         store.connection().execute("SELECT * FROM audit")
 
 
@@ -334,7 +351,7 @@ def test_rotation_the_old_secrets_count_stops_growing_once_senders_move(
 
 
 def test_records_since_a_time_are_found_without_an_index_on_it(tmp_path: Path) -> None:
-    store = Store(tmp_path / "events.sqlite3")
+    store = new_store(tmp_path / "events.sqlite3")
     start = 1_800_000_000.0
     with store.transaction() as conn:
         for n in range(100):  # one accepted request every 10 s
@@ -358,11 +375,11 @@ def test_records_since_a_time_are_found_without_an_index_on_it(tmp_path: Path) -
     assert [r["event_id"] for r in found] == [None]  # the fold row only: the last accepted was at + 990
     found = audit_records(store.connection(), None, 202, start + 900, 100)
     assert [r["event_id"] for r in found] == [str(n) for n in range(100, 90, -1)]
-    assert first_id_since(Store(tmp_path / "empty.sqlite3").connection(), start) == 1
+    assert first_id_since(new_store(tmp_path / "empty.sqlite3").connection(), start) == 1
 
 
 def test_secret_counts_are_rolled_up_and_outlive_the_audit_rows(tmp_path: Path) -> None:
-    store = Store(tmp_path / "events.sqlite3")
+    store = new_store(tmp_path / "events.sqlite3")
     now = 1_800_000_000.0
     with store.transaction() as conn:
         for n, age in enumerate((900, 600, 300, 30)):  # the last one may still fold: not rolled up
@@ -380,7 +397,7 @@ def test_secret_counts_are_rolled_up_and_outlive_the_audit_rows(tmp_path: Path) 
 
 
 def test_refusals_that_differ_in_every_way_still_add_a_bounded_number_of_rows(tmp_path: Path) -> None:
-    store = Store(tmp_path / "events.sqlite3")
+    store = new_store(tmp_path / "events.sqlite3")
     minute = 1_800_000_000 // 60 * 60
     total = DISTINCT_REFUSALS_PER_MINUTE + MORE_REASONS + 400
     for n in range(total):  # a new address and a new reason every time

@@ -677,9 +677,13 @@ def test_known_and_foreign_variables_are_not_warned_about(tmp_path: Path) -> Non
     assert load_settings(values).warnings == ()
 
 
-def test_contract_settings_not_built_yet_are_said_not_ignored(tmp_path: Path) -> None:
-    settings = load_settings(env(tmp_path, DATABASE_URL="postgresql://db/x"))
-    assert settings.warnings == ("DATABASE_URL is not used by this version yet; it is ignored",)
+def test_database_url_takes_postgresql_urls_only_and_never_shows_one(tmp_path: Path) -> None:
+    settings = load_settings(env(tmp_path, DATABASE_URL="postgresql://app:pw-123@db:5432/x"))
+    assert settings.database_url == "postgresql://app:pw-123@db:5432/x" and settings.warnings == ()
+    assert load_settings(env(tmp_path, DATABASE_URL="postgres://db/x")).database_url == "postgres://db/x"
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env(tmp_path, DATABASE_URL="mysql://app:pw-123@db/x"))
+    assert "DATABASE_URL" in str(refused.value) and "pw-123" not in str(refused.value)
 
 
 @pytest.mark.parametrize(

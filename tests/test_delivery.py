@@ -16,15 +16,16 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import assert_accepted, base_settings, bearer, particle_event
+from tests.conftest import assert_accepted, base_settings, bearer, new_store, particle_event
 from tests.smtpsink import SmtpSink
 from webhook_server import create_app
 from webhook_server.cli import main
 from webhook_server.delivery.queue import DeliveryQueue, backoff
 from webhook_server.delivery.worker import Worker
 from webhook_server.settings import load_settings
-from webhook_server.store import sqlite as sqlite_store
-from webhook_server.store.sqlite import Store
+from webhook_server.store import base as store_base
+
+pytestmark = pytest.mark.usefixtures("each_store")
 
 
 def text_of(message: Any) -> str:
@@ -70,7 +71,7 @@ class Harness:
         self.app = create_app(self.env)
         self.client = self.app.test_client()
         self.clock = FakeClock()
-        self.worker = Worker(self.settings, Store(self.settings.database_path), clock=self.clock)
+        self.worker = Worker(self.settings, new_store(self.settings.database_path), clock=self.clock)
         self.queue: DeliveryQueue = self.worker.queue
         self.published = 0
 
@@ -104,7 +105,7 @@ def stamp_receipts_with(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> No
     def utc_now_iso() -> str:
         return datetime.fromtimestamp(clock(), UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
-    monkeypatch.setattr(sqlite_store, "utc_now_iso", utc_now_iso)
+    monkeypatch.setattr(store_base, "utc_now_iso", utc_now_iso)
 
 
 @pytest.fixture
@@ -217,7 +218,7 @@ def test_cooldown_survives_a_restart(harness: Callable[..., Harness], sink: Smtp
     h = harness(ALERT_COOLDOWN_SECONDS=60, RECIPIENT_EMAIL="owner@example.com")
     h.post(event="motion")
     h.drain()
-    restarted = Worker(h.settings, Store(h.settings.database_path), clock=h.clock)
+    restarted = Worker(h.settings, new_store(h.settings.database_path), clock=h.clock)
     h.post(event="motion")
     restarted.run_once()  # sends synchronously: anything it sent is in the sink now
     assert len(sink.messages) == 1
@@ -300,7 +301,7 @@ def test_an_expired_lease_is_taken_over_with_the_same_message_id(
     h.worker.deliver(claimed)  # the first worker did send before it died...
     # ...but did not record it: the delivery is still pending, under its lease.
     h.worker.store.connection().execute("UPDATE deliveries SET status = 'pending', lease_until = ?", (h.clock() + 30,))
-    other = Worker(h.settings, Store(h.settings.database_path), clock=h.clock)
+    other = Worker(h.settings, new_store(h.settings.database_path), clock=h.clock)
     h.clock.advance(29.9)
     other.run_once()
     assert len(sink.messages) == 1  # the lease still holds
@@ -377,14 +378,14 @@ def test_dead_letters_cli_lists_and_replays(harness: Callable[..., Harness], sin
 
 
 def test_housekeeping_drops_expired_rate_limit_counters(tmp_path: Path) -> None:
-    from webhook_server.store.counters import SQLiteStorage, storage_uri
+    from webhook_server.store.counters import StoreCounters
 
     h = Harness(tmp_path)
-    storage = SQLiteStorage(storage_uri(h.settings.database_path, None))
+    storage = StoreCounters(new_store(h.settings.database_path))
     storage.incr("gone", expiry=-1)  # its window ended a second ago
     storage.incr("kept", expiry=60)
     h.worker.housekeeping()
-    keys = [r[0] for r in storage._connection().execute("SELECT key FROM counters").fetchall()]
+    keys = [r[0] for r in storage.store.connection().execute("SELECT key FROM counters").fetchall()]
     assert keys == ["kept"]
 
 
@@ -425,10 +426,12 @@ def _rows_in_database_file(path: Path) -> int:
         return int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
 
-def test_the_web_side_leaves_checkpoints_to_the_worker(tmp_path: Path) -> None:
+def test_the_web_side_leaves_checkpoints_to_the_worker(tmp_path: Path, each_store: str) -> None:
     """A checkpoint's fsync must not land on a webhook's request: the worker's loop does it."""
     import threading
 
+    if each_store != "sqlite":
+        pytest.skip("SQLite's WAL only")
     h = Harness(tmp_path)
     for n in range(6):
         h.post(event=f"e{n}")

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwcrypto import jwk
 
-from tests.conftest import WEBHOOK_SECRET, assert_accepted, signed_headers
+from tests.conftest import WEBHOOK_SECRET, assert_accepted, new_store, signed_headers
 from tests.receiver import Receiver, Reply
 from tests.test_delivery import FakeClock
 from tests.test_metrics import scrape, value
@@ -28,7 +28,8 @@ from webhook_server.channels.http import MAX_RESPONSE_BYTES, message_id, retry_a
 from webhook_server.delivery.worker import Worker
 from webhook_server.live.doorbell import Doorbell
 from webhook_server.settings import load_settings
-from webhook_server.store.sqlite import Store
+
+pytestmark = pytest.mark.usefixtures("each_store")
 
 SIGNING = "whsec_" + base64.b64encode(b"forwarding-test-key-0123456789ab").decode()
 TOKEN_IN_URL = "tok3n-in-the-url-0123456789"
@@ -84,7 +85,7 @@ class Forwarding:
         self.settings = load_settings(self.env)
         self.client = create_app(self.env).test_client()
         self.clock = FakeClock()
-        self.worker = Worker(self.settings, Store(self.settings.database_path), clock=self.clock)
+        self.worker = Worker(self.settings, new_store(self.settings.database_path), clock=self.clock)
 
     def post(self, body: bytes, event: str = "push") -> str:
         headers = signed_headers(body, HOOK_SECRET, **{"X-GitHub-Event": event, "Content-Type": "application/json"})

@@ -14,21 +14,22 @@ from flask import Flask
 from webhook_server.errors import RateLimited
 from webhook_server.ingest.ratelimit import RateLimits, get_rate_limits
 from webhook_server.ingest.sources import Source
-from webhook_server.store.counters import SQLiteStorage, storage_uri
-from webhook_server.store.sqlite import Store
+from webhook_server.store.base import EventStore
+from webhook_server.store.counters import StoreCounters
 
-from .conftest import bearer, particle_event
+from .conftest import bearer, new_store, particle_event
+
+pytestmark = pytest.mark.usefixtures("each_store")
 
 SOURCE = Source(name="particle", scheme="bearer", secrets=("x" * 20,))
 
 
-def _limits(tmp_path: Path, limit: str) -> tuple[RateLimits, Store]:
-    path = tmp_path / "webhooks.sqlite3"
-    store = Store(path, busy_timeout_ms=0)
-    return RateLimits(SQLiteStorage(storage_uri(path, None)), limit), store
+def _limits(tmp_path: Path, limit: str) -> tuple[RateLimits, EventStore]:
+    store = new_store(tmp_path / "webhooks.sqlite3")
+    return RateLimits(StoreCounters(store), limit), store
 
 
-def _events(store: Store) -> int:
+def _events(store: EventStore) -> int:
     return int(store.connection().execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
 
@@ -119,7 +120,7 @@ def test_a_broken_counter_store_lets_events_through(make_app: Callable[..., Flas
     app = make_app(RATE_LIMIT="1/minute")
     with app.app_context():
         storage = get_rate_limits().storage
-    assert isinstance(storage, SQLiteStorage)
+    assert isinstance(storage, StoreCounters)
 
     def broken(*args: object, **kwargs: object) -> int:
         raise sqlite3.OperationalError("disk I/O error")
@@ -149,8 +150,10 @@ def test_a_counter_that_cannot_be_written_lets_the_event_through(tmp_path: Path)
     assert _events(store) == 1
 
 
-def test_counter_connections_keep_the_event_store_durable(tmp_path: Path) -> None:
+def test_counter_connections_keep_the_event_store_durable(tmp_path: Path, each_store: str) -> None:
+    if each_store != "sqlite":
+        pytest.skip("SQLite's synchronous setting")
     limits, _ = _limits(tmp_path, "5/minute")
-    assert isinstance(limits.storage, SQLiteStorage)
+    assert isinstance(limits.storage, StoreCounters)
     # NORMAL (1), not OFF (0): the counters share the event store's file.
-    assert limits.storage._connection().execute("PRAGMA synchronous").fetchone()[0] == 1
+    assert limits.storage.store.connection().execute("PRAGMA synchronous").fetchone()[0] == 1

@@ -5,11 +5,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import queue
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -20,54 +17,11 @@ import redis
 import requests
 
 from tests.conftest import CORE_ID, PARTICLE_SECRET
-from tests.server import Server, free_port
+from tests.server import Server
+from tests.services import RedisProcess
 from webhook_server import create_app
 
 pytestmark = pytest.mark.e2e
-
-
-def redis_server_binary() -> str:
-    """redis-server, installed from Debian's packages when it is missing and we may."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.fail("redis-server is not installed and cannot be installed here: apt-get install redis-server")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=300)
-    install = ["apt-get", "install", "-y", "-qq", "redis-server"]
-    subprocess.run(install, check=True, env=env, capture_output=True, timeout=300)
-    return shutil.which("redis-server") or pytest.fail("redis-server still missing after apt-get install")
-
-
-class RedisProcess:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisProcess:
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(self.workdir)]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        for _ in range(100):
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise TimeoutError("redis-server did not answer")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
 
 
 @pytest.fixture

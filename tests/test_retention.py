@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PARTICLE_SECRET, base_settings
+from tests.conftest import PARTICLE_SECRET, base_settings, new_store
 from webhook_server.delivery.worker import Worker
 from webhook_server.settings import ConfigError, load_settings
+from webhook_server.store.base import EventStore
 from webhook_server.store.retention import DAY_SECONDS, Purged, purge
-from webhook_server.store.sqlite import Store
+
+pytestmark = pytest.mark.usefixtures("each_store")
 
 NOW = 1_800_000_000.0  # 2027-01-15, seconds since the epoch
 DAYS = 30
@@ -27,11 +29,11 @@ def iso(at: float) -> str:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(tmp_path / "data" / "webhooks.sqlite3")
+def store(tmp_path: Path) -> EventStore:
+    return new_store(tmp_path / "data" / "webhooks.sqlite3")
 
 
-def add_event(store: Store, at: float, dispatched: bool = True, deliveries: tuple[str, ...] = ("sent",)) -> int:
+def add_event(store: EventStore, at: float, dispatched: bool = True, deliveries: tuple[str, ...] = ("sent",)) -> int:
     """An event received at `at` with one delivery per status given; its id."""
     with store.transaction() as conn:
         event_id = int(
@@ -50,7 +52,7 @@ def add_event(store: Store, at: float, dispatched: bool = True, deliveries: tupl
     return event_id
 
 
-def add_audit(store: Store, at: float, last_at: float) -> int:
+def add_audit(store: EventStore, at: float, last_at: float) -> int:
     with store.transaction() as conn:
         return int(
             conn.execute(
@@ -59,19 +61,19 @@ def add_audit(store: Store, at: float, last_at: float) -> int:
         )
 
 
-def event_ids(store: Store) -> list[int]:
+def event_ids(store: EventStore) -> list[int]:
     return [row[0] for row in store.connection().execute("SELECT id FROM events ORDER BY id")]
 
 
-def delivery_event_ids(store: Store) -> list[int]:
+def delivery_event_ids(store: EventStore) -> list[int]:
     return [row[0] for row in store.connection().execute("SELECT event_id FROM deliveries ORDER BY id")]
 
 
-def audit_ids(store: Store) -> list[int]:
+def audit_ids(store: EventStore) -> list[int]:
     return [row[0] for row in store.connection().execute("SELECT id FROM audit ORDER BY id")]
 
 
-def test_events_older_than_the_cutoff_go_with_their_deliveries(store: Store) -> None:
+def test_events_older_than_the_cutoff_go_with_their_deliveries(store: EventStore) -> None:
     old = add_event(store, CUTOFF - 86400, deliveries=("sent", "dead"))
     just_old = add_event(store, CUTOFF - 1, deliveries=("sent", "sent"))
     at_cutoff = add_event(store, CUTOFF)
@@ -82,7 +84,7 @@ def test_events_older_than_the_cutoff_go_with_their_deliveries(store: Store) -> 
     assert delivery_event_ids(store) == [at_cutoff, just_new]
 
 
-def test_audit_rows_go_by_their_last_request(store: Store) -> None:
+def test_audit_rows_go_by_their_last_request(store: EventStore) -> None:
     gone = add_audit(store, CUTOFF - 100, CUTOFF - 1)
     folded_until_recently = add_audit(store, CUTOFF - 100, CUTOFF + 1)  # a refusal row still being folded into
     at_cutoff = add_audit(store, CUTOFF, CUTOFF)
@@ -91,14 +93,14 @@ def test_audit_rows_go_by_their_last_request(store: Store) -> None:
     assert audit_ids(store) == [folded_until_recently, at_cutoff]
 
 
-def test_each_table_has_its_own_period(store: Store) -> None:
+def test_each_table_has_its_own_period(store: EventStore) -> None:
     event = add_event(store, NOW - 5 * DAY_SECONDS)
     add_audit(store, NOW - 5 * DAY_SECONDS, NOW - 5 * DAY_SECONDS)
     assert purge(store, 7, 3, now=NOW) == Purged(audit=1)
     assert event_ids(store) == [event] and audit_ids(store) == []
 
 
-def test_zero_keeps_everything_forever(store: Store) -> None:
+def test_zero_keeps_everything_forever(store: EventStore) -> None:
     ancient = NOW - 3650 * DAY_SECONDS
     event = add_event(store, ancient)
     row = add_audit(store, ancient, ancient)
@@ -106,13 +108,13 @@ def test_zero_keeps_everything_forever(store: Store) -> None:
     assert event_ids(store) == [event] and audit_ids(store) == [row]
 
 
-def test_a_period_longer_than_the_epoch_removes_nothing(store: Store) -> None:
+def test_a_period_longer_than_the_epoch_removes_nothing(store: EventStore) -> None:
     event = add_event(store, 0.0)
     assert purge(store, 10**9, 10**9, now=NOW) == Purged()
     assert event_ids(store) == [event]
 
 
-def test_an_undispatched_event_and_every_later_one_stay(store: Store) -> None:
+def test_an_undispatched_event_and_every_later_one_stay(store: EventStore) -> None:
     first = add_event(store, CUTOFF - 300)
     waiting = add_event(store, CUTOFF - 200, dispatched=False, deliveries=())
     later = add_event(store, CUTOFF - 100)
@@ -125,7 +127,7 @@ def test_an_undispatched_event_and_every_later_one_stay(store: Store) -> None:
 
 
 @pytest.mark.parametrize("column", ["first_event_id", "last_event_id"])
-def test_an_event_a_cooldown_window_points_at_stays(store: Store, column: str) -> None:
+def test_an_event_a_cooldown_window_points_at_stays(store: EventStore, column: str) -> None:
     ids = [add_event(store, CUTOFF - 300 + n) for n in range(3)]
     recent = add_event(store, NOW)
     window = {"first_event_id": recent, "last_event_id": recent, column: ids[1]}
@@ -138,7 +140,7 @@ def test_an_event_a_cooldown_window_points_at_stays(store: Store, column: str) -
     assert event_ids(store) == [*ids[1:], recent]
 
 
-def test_an_event_with_a_pending_delivery_stays(store: Store) -> None:
+def test_an_event_with_a_pending_delivery_stays(store: EventStore) -> None:
     first = add_event(store, CUTOFF - 300)
     retrying = add_event(store, CUTOFF - 200, deliveries=("sent", "pending"))
     assert purge(store, DAYS, DAYS, now=NOW) == Purged(events=1, deliveries=1)
@@ -146,7 +148,7 @@ def test_an_event_with_a_pending_delivery_stays(store: Store) -> None:
     assert delivery_event_ids(store) == [retrying, retrying]
 
 
-def test_work_goes_in_bounded_batches_and_the_oldest_kept_id_moves_forward(store: Store) -> None:
+def test_work_goes_in_bounded_batches_and_the_oldest_kept_id_moves_forward(store: EventStore) -> None:
     with store.transaction() as conn:
         conn.executemany(
             "INSERT INTO events (source, received_at, payload, dispatched) VALUES ('particle', ?, '{}', 1)",
@@ -170,13 +172,13 @@ def test_work_goes_in_bounded_batches_and_the_oldest_kept_id_moves_forward(store
     assert store.id_bounds() == (newest_kept, newest_kept) and audit_ids(store) == []
 
 
-def test_when_everything_is_removed_the_oldest_id_is_past_the_newest(store: Store) -> None:
+def test_when_everything_is_removed_the_oldest_id_is_past_the_newest(store: EventStore) -> None:
     last = add_event(store, CUTOFF - 10)
     purge(store, DAYS, DAYS, now=NOW)
     assert store.id_bounds() == (last + 1, last)
 
 
-def test_an_event_stored_through_the_store_ages_out(store: Store) -> None:
+def test_an_event_stored_through_the_store_ages_out(store: EventStore) -> None:
     """The text comparison holds for the receipt times `insert_event` really writes."""
     event_id, _ = store.insert_event("particle", None, "motion", "d", None, {"a": 1})
     now = datetime.now(UTC).timestamp()
@@ -188,7 +190,7 @@ def test_an_event_stored_through_the_store_ages_out(store: Store) -> None:
 
 def test_the_worker_purges_in_housekeeping_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = load_settings(base_settings(tmp_path, EVENT_RETENTION_DAYS="2", AUDIT_RETENTION_DAYS="1"))
-    store = Store(settings.database_path)
+    store = new_store(settings.database_path)
     gone = add_event(store, NOW - 3 * DAY_SECONDS, deliveries=("sent", "sent"))
     kept = add_event(store, NOW - DAY_SECONDS)
     add_audit(store, NOW - DAY_SECONDS - 10, NOW - DAY_SECONDS - 10)
@@ -222,7 +224,7 @@ def test_a_malformed_retention_is_refused_by_name(tmp_path: Path, name: str, wha
     assert PARTICLE_SECRET not in str(caught.value)
 
 
-def test_a_batch_of_large_events_is_bounded_by_their_size_not_only_their_number(store: Store) -> None:
+def test_a_batch_of_large_events_is_bounded_by_their_size_not_only_their_number(store: EventStore) -> None:
     with store.transaction() as conn:
         for n in range(12):  # 12 old events of 1 MB each
             conn.execute(

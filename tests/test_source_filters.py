@@ -15,6 +15,8 @@ from webhook_server.ingest.sources import Source
 from webhook_server.ops.events import notification_state
 from webhook_server.settings import ConfigError, load_settings
 
+pytestmark = pytest.mark.usefixtures("each_store")
+
 BILLING = "billing-secret-0123456789"
 OPS = "ops-secret-0123456789abc"
 TOKEN = "stream-token-0123456789abc"

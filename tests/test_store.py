@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
 import stat
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import new_store
 from webhook_server.store.group import Checkpointer, GroupWriter
 from webhook_server.store.sqlite import Store
 
@@ -20,7 +22,7 @@ PAYLOAD = {"event": "t", "data": "x", "coreid": "0123456789abcdef01234567", "pub
 
 
 def _insert_many(path: Path, prefix: str, threads: int, per_thread: int) -> list[tuple[str, bool]]:
-    store = Store(path, busy_timeout_ms=0)
+    store = new_store(path) if os.environ.get("DATABASE_URL") else Store(path, busy_timeout_ms=0)
     results: list[tuple[str, bool]] = []
     lock = threading.Lock()
 
@@ -40,6 +42,7 @@ def _insert_many(path: Path, prefix: str, threads: int, per_thread: int) -> list
     return results
 
 
+@pytest.mark.usefixtures("each_store")
 def test_concurrent_inserts_get_their_own_ids_and_duplicates_the_first(tmp_path: Path) -> None:
     path = tmp_path / "w.sqlite3"
     results = _insert_many(path, "a", threads=8, per_thread=60)
@@ -48,17 +51,21 @@ def test_concurrent_inserts_get_their_own_ids_and_duplicates_the_first(tmp_path:
     assert len(created) == len(set(created)) == 8 * 20
     # Each key was sent three times: once created, twice answered with the first id.
     assert Counter(duplicates) == Counter({event_id: 2 for event_id in created})
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 160
+    assert _count_events(path) == 160
+
+
+def _count_events(path: Path) -> int:
+    return int(new_store(path).connection().execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
 
 def _child(path: str, prefix: str, queue: multiprocessing.Queue[list[tuple[str, bool]]]) -> None:
     queue.put(_insert_many(Path(path), prefix, threads=4, per_thread=45))
 
 
+@pytest.mark.usefixtures("each_store")
 def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
     path = tmp_path / "w.sqlite3"
-    Store(path)
+    new_store(path)
     context = multiprocessing.get_context("fork")
     queue: multiprocessing.Queue[list[tuple[str, bool]]] = context.Queue()
     children = [context.Process(target=_child, args=(str(path), p, queue)) for p in ("p", "q")]
@@ -70,8 +77,7 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
         assert child.exitcode == 0
     created = [event_id for part in results for event_id, new in part if new]
     assert len(created) == len(set(created)) == 2 * 4 * 15
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 120
+    assert _count_events(path) == 120
 
 
 def _writer(path: Path, interval: float = 0.5, timeout: float = 5.0) -> tuple[GroupWriter, sqlite3.Connection]:

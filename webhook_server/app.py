@@ -20,7 +20,6 @@ from webhook_server.live import sse, websocket
 from webhook_server.ops import access, health, metrics_endpoint, openapi, security
 from webhook_server.settings import settings_from_environment
 from webhook_server.store import extension as store
-from webhook_server.store.counters import storage_uri
 from webhook_server.store.sqlite import make_private_dir
 
 
@@ -71,10 +70,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     access.init_app(app, settings.log_level)
     security.init_app(app, settings.trusted_proxies)
-    events = store.init_app(app, settings.database_path)
+    events = store.init_app(app, settings)
     live.init_app(app, settings, events)
     metrics_endpoint.init_app(app)
-    ratelimit.init_app(app, storage_uri(settings.database_path, settings.redis_url), settings.rate_limit)
+    ratelimit.init_app(app, events, settings.redis_url, settings.rate_limit)
     audit.init_app(app)
     app.register_blueprint(views.bp)
     app.register_blueprint(health.bp)

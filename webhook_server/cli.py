@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -25,7 +26,8 @@ from webhook_server.ops.logs import configure_logging
 from webhook_server.ops.metrics import ensure_multiprocess_dir
 from webhook_server.ops.ports import PortInUse, check_free
 from webhook_server.settings import SETTINGS, ConfigError, Settings, settings_from_environment
-from webhook_server.store.sqlite import Store
+from webhook_server.store.base import STORE_ERRORS
+from webhook_server.store.extension import open_store
 
 GUNICORN_CONFIG = "python:webhook_server.gunicorn_conf"
 APP_SPEC = "webhook_server:create_app()"
@@ -237,8 +239,36 @@ def check_config() -> None:
         click.echo(f"  live stream: {len(settings.subscriber_tokens)} token(s) for channels {', '.join(channels)}")
     else:
         click.echo("  live stream: off (no SUBSCRIBER_TOKENS)")
-    click.echo(f"  store: {settings.database_path}")
-    click.echo(f"  rate limit: {settings.rate_limit} ({'redis' if settings.redis_url else 'shared SQLite counters'})")
+    click.echo(f"  store: {describe_store(settings)}")
+    counters = "redis" if settings.redis_url else f"shared counters in the {store_kind(settings)} store"
+    click.echo(f"  rate limit: {settings.rate_limit} ({counters})")
+
+
+def store_kind(settings: Settings) -> str:
+    return "PostgreSQL" if settings.database_url else "SQLite"
+
+
+def describe_store(settings: Settings) -> str:
+    """Where the store is, never with the URL's password."""
+    if not settings.database_url:
+        return f"SQLite at {settings.database_path}"
+    url = urlsplit(settings.database_url)
+    return f"PostgreSQL at {url.hostname or 'localhost'}:{url.port or 5432}{url.path}"
+
+
+@main.command("ping-store")
+def ping_store() -> None:
+    """Exit 0 when the configured store answers a read, 1 when not (the worker's health check)."""
+    settings = load_or_exit()
+    try:
+        answered = open_store(settings, pool_size=1).ping()
+    except STORE_ERRORS as exc:
+        click.echo(f"the store ({describe_store(settings)}) does not answer: {exc}", err=True)
+        sys.exit(1)
+    if not answered:
+        click.echo(f"the store ({describe_store(settings)}) does not answer", err=True)
+        sys.exit(1)
+    click.echo(f"the store answers ({describe_store(settings)})")
 
 
 def describe_target(target: Target) -> str:
@@ -268,7 +298,7 @@ def events(ctx: click.Context, source: str | None, since_text: str | None, limit
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
     settings = load_or_exit()
-    found = stored_events.list_events(Store(settings.database_path), source, since, limit)
+    found = stored_events.list_events(open_store(settings), source, since, limit)
     if as_json:
         for event, _state in found:
             click.echo(json.dumps(event.as_dict(), ensure_ascii=False))
@@ -287,7 +317,7 @@ def events(ctx: click.Context, source: str | None, since_text: str | None, limit
 def events_show(event_id: int, as_json: bool) -> None:
     """One event whole: payload, kept headers, raw body, deliveries."""
     settings = load_or_exit()
-    document = stored_events.show(Store(settings.database_path), event_id)
+    document = stored_events.show(open_store(settings), event_id)
     if document is None:
         click.echo(f"webhook-server: no event {event_id} (see `webhook-server events`)", err=True)
         sys.exit(1)
@@ -327,7 +357,7 @@ def audit(source: str | None, status: int | None, since: str | None, limit: int,
     """Every request to a webhook endpoint, newest first: accepted or refused, and why."""
     settings = load_or_exit()
     try:
-        found = audit_view.records(Store(settings.database_path), source, status, since, limit)
+        found = audit_view.records(open_store(settings), source, status, since, limit)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
     if as_json:
@@ -350,7 +380,7 @@ def audit(source: str | None, status: int | None, since: str | None, limit: int,
 def sources(as_json: bool) -> None:
     """Each source: scheme, path, and each secret's fingerprint with its last match and count."""
     settings = load_or_exit()
-    described = audit_view.describe_sources(settings.sources, Store(settings.database_path), settings.targets)
+    described = audit_view.describe_sources(settings.sources, open_store(settings), settings.targets)
     if as_json:
         for entry in described:
             click.echo(json.dumps(entry, ensure_ascii=False))
@@ -374,7 +404,7 @@ def dead_letters(ctx: click.Context) -> None:
 
 def _queue() -> DeliveryQueue:
     settings = load_or_exit()
-    return DeliveryQueue(Store(settings.database_path), settings)
+    return DeliveryQueue(open_store(settings), settings)
 
 
 @dead_letters.command("list")

@@ -145,6 +145,13 @@ def log_level(value: str) -> str:
     return value.upper()
 
 
+def database_url(value: str) -> str:
+    """A PostgreSQL connection URL; psycopg reads the rest (host, port, sslmode ...)."""
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("not a PostgreSQL URL")
+    return value
+
+
 def redis_url(value: str) -> str:
     if not value.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("not a Redis URL")

@@ -7,15 +7,15 @@ runs inside the caller's transaction.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 from datetime import datetime
 
 from webhook_server.settings import Settings
+from webhook_server.store.base import Connection, Row
 
 # add(conn, event_id, kind, recipients, repeats, window_start): the deliveries of one notice.
-AddDeliveries = Callable[[sqlite3.Connection, int, str, tuple[str, ...] | None, int, float | None], None]
+AddDeliveries = Callable[[Connection, int, str, tuple[str, ...] | None, int, float | None], int]
 
 
 def epoch(iso: str) -> float:
@@ -40,7 +40,7 @@ class Cooldowns:
             return self.settings.alert_cooldown_seconds
         return float(source.cooldown_seconds)
 
-    def admit(self, conn: sqlite3.Connection, row: sqlite3.Row) -> None:
+    def admit(self, conn: Connection, row: Row) -> None:
         """A new event: an alert and a new window, or one more repeat in an open window."""
         source = self.settings.sources.get(row["source"])
         # notify = false or an `events` filter that leaves this name out: no delivery, and no
@@ -68,7 +68,7 @@ class Cooldowns:
                 (*key, received, received + seconds, row["id"], row["id"]),
             )
 
-    def close_ended(self, conn: sqlite3.Connection, now: float | None = None) -> int:
+    def close_ended(self, conn: Connection, now: float | None = None) -> int:
         """Close the windows that ended; returns how many."""
         now = time.time() if now is None else now
         # An event still waiting to be dispatched may be a repeat inside a window: close only
@@ -81,7 +81,7 @@ class Cooldowns:
             self.close(conn, window)
         return len(windows)
 
-    def close(self, conn: sqlite3.Connection, window: sqlite3.Row) -> None:
+    def close(self, conn: Connection, window: Row) -> None:
         """End a window: its repeats, if any, become one summary."""
         conn.execute(
             "DELETE FROM cooldowns WHERE source = ? AND event = ? AND device = ?",

@@ -14,7 +14,6 @@ transactions:
 from __future__ import annotations
 
 import random
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from webhook_server.delivery.cooldowns import Cooldowns
 from webhook_server.ingest.targets import Target
 from webhook_server.notify import targets
 from webhook_server.settings import Settings
+from webhook_server.store.base import Connection, EventStore, Row
 from webhook_server.store.records import Notification, event_from_row
-from webhook_server.store.sqlite import Store
 
 MAX_BACKOFF_SECONDS = 3600.0
 DISPATCH_BATCH = 500
@@ -54,7 +53,7 @@ class DeliveryQueue:
     `clock` is where every method reads the time (seconds since the epoch); tests pass a fake one.
     """
 
-    def __init__(self, store: Store, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: EventStore, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
@@ -68,6 +67,7 @@ class DeliveryQueue:
         if conn.execute("SELECT 1 FROM events WHERE dispatched = 0 LIMIT 1").fetchone() is None:
             return 0
         with self.store.transaction() as conn:
+            self.store.serialize(conn, "cooldowns")  # one worker at a time: windows see events in order
             rows = conn.execute(
                 "SELECT * FROM events WHERE dispatched = 0 ORDER BY id LIMIT ?", (DISPATCH_BATCH,)
             ).fetchall()
@@ -77,7 +77,7 @@ class DeliveryQueue:
             conn.executemany("UPDATE events SET dispatched = 1 WHERE id = ?", [(row["id"],) for row in rows])
         return len(rows)
 
-    def add_forwards(self, conn: sqlite3.Connection, event_id: int, source: str, event: str) -> int:
+    def add_forwards(self, conn: Connection, event_id: int, source: str, event: str) -> int:
         """One `http` delivery per target that takes this event (no cool-down: each is passed on)."""
         now = self.clock()
         chosen = [t.name for t in self.settings.targets.values() if t.takes(source, event)]
@@ -95,27 +95,30 @@ class DeliveryQueue:
         if conn.execute("SELECT 1 FROM cooldowns WHERE closes_at <= ? LIMIT 1", (now,)).fetchone() is None:
             return 0
         with self.store.transaction() as conn:
+            self.store.serialize(conn, "cooldowns")
             return self.cooldowns.close_ended(conn, now)
 
     def add_deliveries(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         event_id: int,
         kind: str,
         recipients: tuple[str, ...] | None,
         repeats: int = 0,
         window_start: float | None = None,
-    ) -> None:
-        """One delivery per (channel, recipient) of an alert or a summary."""
+    ) -> int:
+        """One delivery per (channel, recipient) of an alert or a summary; returns how many."""
         now = self.clock()
+        rows = [
+            (event_id, kind, channel, recipient, repeats, window_start, now, now)
+            for channel, recipient in targets(self.settings, recipients)
+        ]
         conn.executemany(
             "INSERT INTO deliveries (event_id, kind, channel, recipient, repeats, window_start,"
             " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (event_id, kind, channel, recipient, repeats, window_start, now, now)
-                for channel, recipient in targets(self.settings, recipients)
-            ],
+            rows,
         )
+        return len(rows)
 
     def replay_event(self, event_id: int) -> int | None:
         """The event's notifications and forwarding again, as new deliveries past any cool-down;
@@ -127,11 +130,10 @@ class DeliveryQueue:
             if row is None:
                 return None
             source = self.settings.sources.get(row["source"])
-            before = conn.total_changes
+            added = 0
             if source is None or source.notifies(row["event"]):
-                self.add_deliveries(conn, event_id, "alert", source.recipients if source is not None else None)
-            self.add_forwards(conn, event_id, row["source"], row["event"])
-            return conn.total_changes - before
+                added = self.add_deliveries(conn, event_id, "alert", source.recipients if source is not None else None)
+            return added + self.add_forwards(conn, event_id, row["source"], row["event"])
 
     def bury_forwards_without_target(self) -> int:
         """Pending forwards to a target no longer in SOURCES_FILE become dead letters (nothing would
@@ -141,10 +143,10 @@ class DeliveryQueue:
         bury = (
             "UPDATE deliveries SET status = 'dead', lease_until = 0,"  # noqa: S608 - marks are only ?s
             " last_error = 'PermanentFailure: no target named ' || recipient || ' is configured now'"
-            f" WHERE status = 'pending' AND channel = 'http' AND recipient NOT IN ({marks})"
+            f" WHERE status = 'pending' AND channel = 'http' AND {f'recipient NOT IN ({marks})' if names else '1 = 1'}"
         )
         with self.store.transaction() as conn:
-            return conn.execute(bury, names).rowcount
+            return int(conn.execute(bury, names).rowcount)
 
     # -- leases and outcomes ------------------------------------------------------------
 
@@ -157,7 +159,10 @@ class DeliveryQueue:
         )
         if self.store.connection().execute(due, (now, now, 1)).fetchone() is None:
             return []
-        return self._lease(due, (now, now, limit), now + self.settings.delivery_lease_seconds)
+        # Workers on several hosts take different rows (SKIP LOCKED) rather than wait for each other.
+        return self._lease(
+            due + self.store.skip_locked, (now, now, limit), now, now + self.settings.delivery_lease_seconds
+        )
 
     def claim_forwards(self, target: Target, limit: int, now: float | None = None) -> list[Notification]:
         """Lease up to `limit` due forwards to `target`; for an ordered target only its oldest
@@ -166,7 +171,7 @@ class DeliveryQueue:
         if target.ordered:
             due = (
                 "SELECT id FROM (SELECT id, next_attempt_at, lease_until FROM deliveries"
-                " WHERE status = 'pending' AND channel = 'http' AND recipient = ? ORDER BY id LIMIT 1)"
+                " WHERE status = 'pending' AND channel = 'http' AND recipient = ? ORDER BY id LIMIT 1) AS head"
                 " WHERE next_attempt_at <= ? AND lease_until <= ? AND ? > 0"
             )
         else:
@@ -179,14 +184,23 @@ class DeliveryQueue:
             return []
         # A try never outlasts timeout_seconds (channels.http.Deadline): the lease is that and a margin.
         lease = max(self.settings.delivery_lease_seconds, target.timeout_seconds + 15)
-        return self._lease(due, params, now + lease)
+        # An ordered target's head is never skipped: a worker that finds it leased takes nothing.
+        return self._lease(due if target.ordered else due + self.store.skip_locked, params, now, now + lease)
 
-    def _lease(self, due: str, params: tuple[Any, ...], until: float) -> list[Notification]:
-        """Lease the deliveries `due` selects (checked again inside the transaction), with their events."""
+    def _lease(self, due: str, params: tuple[Any, ...], now: float, until: float) -> list[Notification]:
+        """Lease the deliveries `due` selects, with their events. The lease is checked again on the
+        row itself: another worker's lease taken meanwhile leaves it out (PostgreSQL re-reads a row
+        that was updated while this statement waited for it).
+
+        `due` runs once, in a MATERIALIZED CTE: as a plain `IN (subquery)` PostgreSQL may scan it
+        again, and with SKIP LOCKED each scan gave other rows, so a claim of 7 leased 13.
+        """
         with self.store.transaction() as conn:
             rows = conn.execute(
-                f"UPDATE deliveries SET lease_until = ?, attempts = attempts + 1 WHERE id IN ({due}) RETURNING *",  # noqa: S608
-                (until, *params),
+                f"WITH picked AS MATERIALIZED ({due}) UPDATE deliveries SET lease_until = ?,"  # noqa: S608
+                " attempts = attempts + 1 WHERE id IN (SELECT id FROM picked) AND status = 'pending'"
+                " AND lease_until <= ? RETURNING *",
+                (*params, until, now),
             ).fetchall()
             events = (
                 {
@@ -202,7 +216,7 @@ class DeliveryQueue:
         return [self._notification(row, events[row["event_id"]]) for row in rows]
 
     @staticmethod
-    def _notification(row: sqlite3.Row, event: Any) -> Notification:
+    def _notification(row: Row, event: Any) -> Notification:
         return Notification(
             delivery_id=row["id"],
             event=event,
@@ -265,4 +279,4 @@ class DeliveryQueue:
                     " lease_until = 0 WHERE status = 'dead' AND id = ?",
                     [(now, i) for i in delivery_ids],
                 )
-            return cursor.rowcount
+            return int(cursor.rowcount)

@@ -6,7 +6,6 @@ import logging
 import os
 import select
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -18,13 +17,15 @@ from webhook_server.delivery.cooldowns import epoch
 from webhook_server.delivery.forwarding import ForwardLoop
 from webhook_server.delivery.queue import DeliveryQueue
 from webhook_server.live.doorbell import Doorbell
+from webhook_server.live.redis_bell import RedisBell
 from webhook_server.notify import DeliveryError, Notifier, PermanentFailure, TemporaryFailure, notifiers
 from webhook_server.ops.metrics import record_delivery
 from webhook_server.settings import Settings
-from webhook_server.store.counters import SQLiteStorage, storage_uri
+from webhook_server.store.base import STORE_ERRORS, EventStore
+from webhook_server.store.counters import StoreCounters
+from webhook_server.store.extension import WORKER_POOL_SIZE, open_store
 from webhook_server.store.records import Notification
 from webhook_server.store.retention import Purged, purge
-from webhook_server.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,11 @@ class Worker:
     `clock` (seconds since the epoch) is the queue's clock too; tests pass a fake one.
     """
 
-    def __init__(self, settings: Settings, store: Store | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: Settings, store: EventStore | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
-        self.store = store or Store(settings.database_path)
+        self.store = store or open_store(settings, WORKER_POOL_SIZE)
         self.clock = clock
         self.queue = DeliveryQueue(self.store, settings, clock)
         self.notifiers: dict[str, Notifier] = notifiers(settings)
@@ -207,8 +210,7 @@ class Worker:
         if purged.removed:
             log_purged(purged)
         # With Redis the rate limits live there, but the audit's per-minute counts stay here.
-        storage = SQLiteStorage(storage_uri(self.settings.database_path, None))
-        removed = storage.purge_expired()
+        removed = StoreCounters(self.store).purge_expired()
         if removed:
             log.debug("purged %s expired counters", removed)
         return purged.more
@@ -218,9 +220,11 @@ class Worker:
         else ends the process (its supervisor restarts it), forwarding included."""
         log.info("delivery worker started (poll every %ss)", self.settings.worker_poll_seconds)
         halted = threading.Event()
-        # The web processes ring DATA_DIR/live after each event they store: the worker answers
-        # at once rather than at its next look (WORKER_POLL_SECONDS), which it still takes.
-        bell = Doorbell(self.settings.data_dir / "live")
+        # The web processes ring DATA_DIR/live after each event they store (and, with REDIS_URL,
+        # publish it for other hosts): the worker answers at once rather than at its next look
+        # (WORKER_POLL_SECONDS), which it still takes.
+        redis_url = self.settings.redis_url
+        bell = Doorbell(self.settings.data_dir / "live", RedisBell(redis_url) if redis_url else None)
         self._wake = bell.listen()
         self._wake.setblocking(False)
         forwarding = threading.Thread(
@@ -246,12 +250,12 @@ class Worker:
             self._last_pass = time.monotonic()
             try:
                 busy = self.notify_once()
-                # The web processes leave WAL checkpoints to us (see store.Checkpointer).
-                self.store.checkpointer.maybe(self.store.connection())
+                # The web processes leave SQLite's WAL checkpoints to us (see store.Checkpointer).
+                self.store.checkpoint()
                 if time.monotonic() >= next_housekeeping:
                     more = self.housekeeping()
                     next_housekeeping = time.monotonic() + (CATCH_UP_SECONDS if more else HOUSEKEEPING_SECONDS)
-            except sqlite3.Error as exc:
+            except STORE_ERRORS as exc:
                 log.error("store error in worker: %s", exc)
                 busy = 0
             if not busy:

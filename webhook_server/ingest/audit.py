@@ -9,7 +9,6 @@ also counts it against the rate limit.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,6 +16,7 @@ from dataclasses import replace
 from flask import Flask, Response, g, request
 
 from webhook_server.store.audit import AuditRecord, record
+from webhook_server.store.base import STORE_ERRORS, Connection, guarded
 from webhook_server.store.extension import get_store
 
 log = logging.getLogger(__name__)
@@ -46,22 +46,23 @@ def current_record(status: int) -> AuditRecord:
     )
 
 
-def _kept(conn: sqlite3.Connection, entry: AuditRecord) -> None:
+def _kept(conn: Connection, entry: AuditRecord) -> None:
     """Write `entry`; a record that cannot be written must not cost the request its answer."""
     try:
-        record(conn, entry)
-    except sqlite3.Error:
+        with guarded(conn):
+            record(conn, entry)
+    except STORE_ERRORS:
         if not conn.in_transaction:  # the error ended the whole transaction: let it fail
             raise
         log.warning("audit record not written", exc_info=True)
 
 
-def accepted_writer() -> Callable[[sqlite3.Connection, str, bool], None]:
+def accepted_writer() -> Callable[[Connection, str, bool], None]:
     """What writes this request's record in its event's transaction, once the event has an id."""
     entry = current_record(202)
     started = g.get("started")
 
-    def write(conn: sqlite3.Connection, event_id: str, created: bool) -> None:
+    def write(conn: Connection, event_id: str, created: bool) -> None:
         status, reason = (202, None) if created else (200, REDELIVERY)
         # Timed here, in the transaction: the wait for the store's write lock is handling time too.
         spent = elapsed_ms(started)
@@ -77,14 +78,14 @@ def _record_refusal(response: Response) -> Response:
     hit = g.pop("hit", None)
     count = hit.refused_counter() if hit is not None else None
 
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Connection) -> None:
         _kept(conn, entry)
         if count is not None:
             count(conn)
 
     try:
         get_store().writer.run(write)
-    except sqlite3.Error as exc:  # the store is down (this request may well be its 503)
+    except STORE_ERRORS as exc:  # the store is down (this request may well be its 503)
         log.warning("audit record of a %s not written: %s", response.status_code, exc)
     return response
 

@@ -2,14 +2,13 @@
 
 Counts must be shared by every Gunicorn worker (flask-limiter's `memory://` keeps one count
 per process, so two workers let twice the limit through). Without Redis the counters live in
-a table of the event store's SQLite file; with REDIS_URL they live in Redis.
+a table of the event store (SQLite or PostgreSQL); with REDIS_URL they live in Redis.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -21,7 +20,8 @@ from limits.strategies import FixedWindowRateLimiter
 
 from webhook_server.errors import RateLimited
 from webhook_server.ingest.sources import Source
-from webhook_server.store.counters import SQLiteStorage, increment
+from webhook_server.store.base import STORE_ERRORS, Connection, EventStore, guarded
+from webhook_server.store.counters import StoreCounters, increment
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class Hit:
     """One request's count against its source's limits, for the client's address.
 
     It is written either at once (`count`: Redis, or a request refused before its event is
-    stored) or inside the accepted event's own transaction (`count_in`: SQLite counters,
-    which live in the event store's file), so an accepted event costs one write, not two.
+    stored) or inside the accepted event's own transaction (`count_in`: store counters,
+    which live in the event store's database), so an accepted event costs one write, not two.
     """
 
     def __init__(self, limits: RateLimits, items: list[RateLimitItem], identifiers: tuple[str, str]) -> None:
@@ -63,21 +63,21 @@ class Hit:
         except Exception:  # over the limit, or a broken counter store: the refusal stands
             log.debug("could not count a refused request", exc_info=True)
 
-    def refused_counter(self) -> Callable[[sqlite3.Connection], None] | None:
+    def refused_counter(self) -> Callable[[Connection], None] | None:
         """Count a refused request (401, 400, ...): now (Redis), or the returned function counts
-        it in the transaction of its audit record (SQLite counters, in the store's file)."""
+        it in the transaction of its audit record (store counters, in the store's database)."""
         if not self.limits.counted_with_event:
             self.count_quietly()
             return None
 
-        def count(conn: sqlite3.Connection) -> None:
+        def count(conn: Connection) -> None:
             with suppress(RateLimited):  # over the limit: the refusal stands as it is
                 self.count_in(conn)
 
         return count
 
-    def count_in(self, conn: sqlite3.Connection) -> None:
-        """Count the request in the transaction that stores its event (SQLite counters only).
+    def count_in(self, conn: Connection) -> None:
+        """Count the request in the transaction that stores its event (store counters only).
 
         A counter that cannot be written lets the event through, as in `RateLimits.check`.
         """
@@ -86,8 +86,9 @@ class Hit:
         self.counted = True
         for item in self.items:
             try:
-                count, reset_at = increment(conn, item.key_for(*self.identifiers), item.get_expiry())
-            except sqlite3.Error:
+                with guarded(conn):
+                    count, reset_at = increment(conn, item.key_for(*self.identifiers), item.get_expiry())
+            except STORE_ERRORS:
                 if not conn.in_transaction:  # the error ended the group's transaction: abort it
                     raise
                 log.warning("rate limit counter not written; letting the event through", exc_info=True)
@@ -110,9 +111,9 @@ class RateLimits:
         self.storage = storage
         self.strategy = FixedWindowRateLimiter(storage)
         self.default = default
-        # SQLite counters share the event store's file: an accepted event is counted in its
+        # Store counters share the event store's database: an accepted event is counted in its
         # own transaction, and `check` only reads.
-        self.counted_with_event = isinstance(storage, SQLiteStorage)
+        self.counted_with_event = isinstance(storage, StoreCounters)
         self._parsed: dict[str, list[RateLimitItem]] = {}
 
     def items(self, limit: str) -> list[RateLimitItem]:
@@ -142,7 +143,7 @@ class RateLimits:
         return hit
 
     def _refuse_when_full(self, hit: Hit) -> None:
-        """Only read (SQLite counters): an accepted request is counted with its event, and one
+        """Only read (store counters): an accepted request is counted with its event, and one
         over a full window needs no count (a fixed window only grows), so a flood of 429s
         writes nothing but its folded audit record."""
         for item in hit.items:
@@ -151,10 +152,11 @@ class RateLimits:
                 raise _refusal(item, self.strategy.get_window_stats(item, *hit.identifiers).reset_time)
 
 
-def init_app(app: Flask, uri: str, default: str) -> RateLimits:
-    storage = storage_from_string(uri)
+def init_app(app: Flask, store: EventStore, redis_url: str | None, default: str) -> RateLimits:
+    """Counters in Redis when REDIS_URL is set, else in the event store's own database."""
+    storage = storage_from_string(redis_url) if redis_url else StoreCounters(store)
     if not isinstance(storage, Storage):  # an async (`async+...`) URI
-        raise ValueError(f"not a synchronous rate-limit storage: {uri}")
+        raise ValueError("REDIS_URL is not a synchronous rate-limit storage")
     limits = RateLimits(storage, default)
     app.extensions[EXTENSION_KEY] = limits
     return limits

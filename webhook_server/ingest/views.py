@@ -6,7 +6,6 @@ without credentials learns nothing about what the body should look like.
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Protocol
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -22,6 +21,7 @@ from webhook_server.ingest.events import describe, kept_headers
 from webhook_server.ingest.ratelimit import get_rate_limits
 from webhook_server.ingest.sources import Source
 from webhook_server.ingest.validate import validate
+from webhook_server.store.base import STORE_ERRORS
 from webhook_server.store.extension import event_stored, get_store
 from webhook_server.store.records import Received
 
@@ -98,7 +98,7 @@ def receive(name: str) -> tuple[Response, int]:
         event_id, created = get_store().insert_event(
             source.name, dedupe_key, event, device, request.remote_addr, payload, hit.count_in, received, audited()
         )
-    except sqlite3.Error as exc:
+    except STORE_ERRORS as exc:
         current_app.logger.error("event store refused a write: %s", exc)
         raise StoreUnavailable() from None
     if created:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 import queue
 import socket
-import sqlite3
 import threading
 from contextlib import suppress
 
 from webhook_server.live.doorbell import Doorbell
+from webhook_server.store.base import STORE_ERRORS, EventStore
 from webhook_server.store.records import StoredEvent
-from webhook_server.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ class Subscriber:
 class Hub:
     """This process's tail of the events table, and its subscribers."""
 
-    def __init__(self, store: Store, doorbell: Doorbell) -> None:
+    def __init__(self, store: EventStore, doorbell: Doorbell) -> None:
         self.store = store
         self.doorbell = doorbell
         self._lock = threading.Lock()
@@ -98,7 +97,7 @@ class Hub:
             wait_for_ring(receiver)
             try:
                 self.deliver_new()
-            except sqlite3.Error as exc:
+            except STORE_ERRORS as exc:
                 log.warning("live stream: the store did not answer (%s); trying again", exc)
 
     def deliver_new(self) -> int:

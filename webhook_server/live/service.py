@@ -17,8 +17,8 @@ from webhook_server.live.doorbell import Doorbell
 from webhook_server.live.hub import Hub
 from webhook_server.live.redis_bell import RedisBell
 from webhook_server.settings import Settings
+from webhook_server.store.base import EventStore
 from webhook_server.store.extension import event_stored
-from webhook_server.store.sqlite import Store
 
 EXTENSION_KEY = "webhook_live"
 RESERVED_THREADS = 8
@@ -46,7 +46,7 @@ class Live:
                 raise TooManySubscribers()
             self.streams += 1
 
-    def ring(self, store: Store, event_id: str) -> None:
+    def ring(self, store: EventStore, event_id: str) -> None:
         """After an event is stored: wake every hub on this host (none listen without subscribers),
         and with REDIS_URL every hub of every replica."""
         self.doorbell.ring(event_id)
@@ -72,14 +72,14 @@ def stopping() -> bool:
     return _Stopping.value
 
 
-def init_app(app: Flask, settings: Settings, store: Store) -> Live | None:
+def init_app(app: Flask, settings: Settings, store: EventStore) -> Live | None:
     """The hub for this process, when SUBSCRIBER_TOKENS opens the stream to anyone. Either way each
     stored event rings the host's doorbell, which the delivery worker listens to as well."""
-    if not settings.subscriber_tokens:
-        bell = Doorbell(settings.data_dir / "live")
-        event_stored.connect(lambda sender, **_: bell.ring(), sender=store, weak=False)
-        return None
+    # With REDIS_URL a ring reaches other hosts too: their hubs, and their delivery workers.
     doorbell = Doorbell(settings.data_dir / "live", RedisBell(settings.redis_url) if settings.redis_url else None)
+    if not settings.subscriber_tokens:
+        event_stored.connect(lambda sender, **_: doorbell.ring(), sender=store, weak=False)
+        return None
     live = Live(Hub(store, doorbell), doorbell, max(settings.web_threads - RESERVED_THREADS, 1))
     app.extensions[EXTENSION_KEY] = live
     event_stored.connect(live.ring, sender=store, weak=False)

@@ -22,9 +22,9 @@ from webhook_server.live.service import Live, get_live, stopping
 from webhook_server.live.stream import Heartbeat, Item, Overflow, Reset, backlog, follow, starting_point
 from webhook_server.ops.metrics import live_subscriber, record_streamed
 from webhook_server.settings import Settings
+from webhook_server.store.base import EventStore
 from webhook_server.store.extension import get_store
 from webhook_server.store.records import StoredEvent
-from webhook_server.store.sqlite import Store
 
 bp = Blueprint("live", __name__)
 RETRY_MS = 2000  # what an EventSource waits before it reconnects
@@ -82,7 +82,7 @@ def events(channels: str) -> Response:
 STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
-def poll(store: Store, sources: frozenset[str], since: int | None, raw: bool) -> Iterator[bytes]:
+def poll(store: EventStore, sources: frozenset[str], since: int | None, raw: bool) -> Iterator[bytes]:
     """The stored events after the cursor, and the end (for scripts and cron)."""
     cursor, reset = starting_point(store, since, store.newest_id())
     if reset is not None:
@@ -112,7 +112,7 @@ def ended(client: socket.socket) -> Callable[[], bool]:
 
 
 def stream(
-    store: Store,
+    store: EventStore,
     live: Live,
     sources: frozenset[str],
     since: int | None,

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from webhook_server.live.hub import BATCH, Hub, Subscriber
+from webhook_server.store.base import EventStore
 from webhook_server.store.records import StoredEvent
-from webhook_server.store.sqlite import Store
 
 HEARTBEAT_SECONDS = 15.0  # the contract: at least every 25 s
 WAKE_SECONDS = 1.0  # how often a waiting stream looks at `stopping`
@@ -46,7 +46,7 @@ class Overflow:
 Item = StoredEvent | Reset | Live | Heartbeat | Overflow
 
 
-def starting_point(store: Store, since: int | None, start: int) -> tuple[int, Reset | None]:
+def starting_point(store: EventStore, since: int | None, start: int) -> tuple[int, Reset | None]:
     """The cursor to read after, and the reset to send first, if any."""
     if since is None:
         return start, None  # no cursor: only what is new
@@ -56,7 +56,7 @@ def starting_point(store: Store, since: int | None, start: int) -> tuple[int, Re
     return since, None
 
 
-def backlog(store: Store, channels: frozenset[str], after: int) -> Iterator[StoredEvent]:
+def backlog(store: EventStore, channels: frozenset[str], after: int) -> Iterator[StoredEvent]:
     """Every stored event of `channels` after `after`, in id order, a batch at a time."""
     while True:
         events = store.events_after(after, BATCH, channels)
@@ -67,7 +67,7 @@ def backlog(store: Store, channels: frozenset[str], after: int) -> Iterator[Stor
 
 
 def follow(
-    store: Store,
+    store: EventStore,
     hub: Hub,
     channels: frozenset[str],
     since: int | None,

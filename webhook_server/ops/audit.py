@@ -16,11 +16,11 @@ from webhook_server.ingest.sources import Source
 from webhook_server.ingest.targets import Target
 from webhook_server.ops.events import duration_seconds
 from webhook_server.store import audit
-from webhook_server.store.sqlite import Store
+from webhook_server.store.base import EventStore
 
 
 def records(
-    store: Store, source: str | None, status: int | None, since: str | None, limit: int, now: float | None = None
+    store: EventStore, source: str | None, status: int | None, since: str | None, limit: int, now: float | None = None
 ) -> list[dict[str, Any]]:
     """Audit records, newest first; `since` is a DURATION (90s, 15m, 2h, 7d); ValueError otherwise."""
     start = (time.time() if now is None else now) - duration_seconds(since) if since else None
@@ -37,7 +37,7 @@ def targets_of(source: str, targets: dict[str, Target]) -> list[str]:
 
 
 def describe_sources(
-    sources: dict[str, Source], store: Store, targets: dict[str, Target] | None = None
+    sources: dict[str, Source], store: EventStore, targets: dict[str, Target] | None = None
 ) -> list[dict[str, Any]]:
     """Each source with its secrets by fingerprint (how often and when each last matched) and its targets."""
     uses = audit.secret_uses(store.connection())

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from webhook_server.store.base import EventStore
 from webhook_server.store.records import StoredEvent, event_from_row, iso_utc
-from webhook_server.store.sqlite import Store
 
 DURATION = re.compile(r"^([0-9]{1,9})([smhd])$")
 SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -46,7 +46,7 @@ def parse_since(value: str, now: float | None = None) -> Since:
     return Since(received_after=iso_utc(start))
 
 
-def list_events(store: Store, source: str | None, since: Since, limit: int) -> list[tuple[StoredEvent, str]]:
+def list_events(store: EventStore, source: str | None, since: Since, limit: int) -> list[tuple[StoredEvent, str]]:
     """(event, notification state), newest first."""
     clauses: list[str] = ["1 = 1"]
     params: list[str | int] = []
@@ -68,7 +68,7 @@ def list_events(store: Store, source: str | None, since: Since, limit: int) -> l
     return [(event_from_row(row), notification_state(store, row["id"], row["dispatched"])) for row in rows]
 
 
-def deliveries(store: Store, event_id: int) -> list[dict[str, Any]]:
+def deliveries(store: EventStore, event_id: int) -> list[dict[str, Any]]:
     rows = (
         store.connection()
         .execute(
@@ -84,7 +84,7 @@ def deliveries(store: Store, event_id: int) -> list[dict[str, Any]]:
     ]
 
 
-def notification_state(store: Store, event_id: int, dispatched: int) -> str:
+def notification_state(store: EventStore, event_id: int, dispatched: int) -> str:
     """waiting (not looked at yet), none (folded into a cool-down, or a source that does not
     notify), else the deliveries': sent, pending, dead, or mixed such as "sent, dead"."""
     if not dispatched:
@@ -93,7 +93,7 @@ def notification_state(store: Store, event_id: int, dispatched: int) -> str:
     return ", ".join(states) if states else "none"
 
 
-def show(store: Store, event_id: int) -> dict[str, Any] | None:
+def show(store: EventStore, event_id: int) -> dict[str, Any] | None:
     """One event whole: the event JSON, what was received, and its deliveries."""
     event = store.get_event(event_id)
     if event is None:

@@ -67,8 +67,8 @@ def health() -> tuple[Response, int]:
             uptime_seconds=round(time.monotonic() - STARTED, 1),
             sources=sorted(settings.sources),
             notifications="email" if settings.smtp else "log",
-            store="sqlite",
-            rate_limit_storage="redis" if settings.redis_url else "sqlite",
+            store=store.kind,
+            rate_limit_storage="redis" if settings.redis_url else store.kind,
             redis=redis_state(settings.redis_url),
         )
         if healthy:

@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import socket
-import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -53,7 +52,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-from webhook_server.store.sqlite import Store, make_private_dir
+from webhook_server.store.base import STORE_ERRORS, EventStore
+from webhook_server.store.sqlite import make_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -337,14 +337,14 @@ def record_streamed(transport: str, events: int = 1, overflow: bool = False) -> 
 class StoreCollector(Collector):
     """Queue figures read from the store when scraped: exact whichever process answers."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: EventStore) -> None:
         self.store = store
 
     def collect(self) -> Iterable[Metric]:
         up = GaugeMetricFamily("webhook_store_up", "1 when the event store answered this scrape.")
         try:
             counts = self.store.counts()
-        except sqlite3.Error:
+        except STORE_ERRORS:
             log.warning("metrics: the store did not answer", exc_info=True)
             up.add_metric([], 0)
             return [up]
@@ -376,7 +376,7 @@ class _Local(Collector):
         return _REGISTRY.collect()
 
 
-def render(store: Store) -> bytes:
+def render(store: EventStore) -> bytes:
     """The exposition text: every process's counts plus the store's gauges."""
     web_metrics()
     delivery_metrics()

@@ -16,11 +16,11 @@ Every function here runs inside the caller's transaction.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from webhook_server.store.base import Connection, Row
 from webhook_server.store.counters import increment
 from webhook_server.store.records import iso_utc
 
@@ -45,7 +45,7 @@ class AuditRecord:
     key: str | None = None  # the fingerprint of the secret that matched (auth.fingerprint)
 
 
-def record(conn: sqlite3.Connection, entry: AuditRecord) -> None:
+def record(conn: Connection, entry: AuditRecord) -> None:
     """Keep `entry`: a row of its own when accepted, folded into its minute's row when refused."""
     if entry.status < 300:
         conn.execute(
@@ -70,19 +70,19 @@ def _folded(entry: AuditRecord, client: str | None = None, reason: str | None = 
 
 
 FOLD = (
-    "UPDATE audit SET count = count + 1, last_at = MAX(last_at, ?), total_ms = total_ms + ?"
+    "UPDATE audit SET count = count + 1, last_at = GREATEST(last_at, ?), total_ms = total_ms + ?"
     " WHERE bucket = ? AND source = ? AND client = ? AND status = ? AND reason = ? AND key = ?"
 )
 INSERT_FOLD = (
     "INSERT INTO audit (at, last_at, source, client, status, reason, key, total_ms, bucket)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (bucket, source, client, status, reason, key) WHERE bucket IS NOT NULL"
-    " DO UPDATE SET count = count + 1, last_at = MAX(last_at, excluded.last_at),"
-    " total_ms = total_ms + excluded.total_ms"
+    " DO UPDATE SET count = audit.count + 1, last_at = GREATEST(audit.last_at, excluded.last_at),"
+    " total_ms = audit.total_ms + excluded.total_ms"
 )
 
 
-def _fold(conn: sqlite3.Connection, entry: AuditRecord) -> None:
+def _fold(conn: Connection, entry: AuditRecord) -> None:
     bucket = int(entry.at // FOLD_SECONDS)
     columns = _folded(entry)
     if _folded_into(conn, entry, bucket, columns):
@@ -102,7 +102,7 @@ def _fold(conn: sqlite3.Connection, entry: AuditRecord) -> None:
     increment(conn, key, FOLD_SECONDS * 2)  # counted only when a row is added
 
 
-def _folded_into(conn: sqlite3.Connection, entry: AuditRecord, bucket: int, columns: tuple[Any, ...]) -> bool:
+def _folded_into(conn: Connection, entry: AuditRecord, bucket: int, columns: tuple[Any, ...]) -> bool:
     """True when this minute already has a row with these columns (now one request more)."""
     return bool(conn.execute(FOLD, (entry.at, entry.duration_ms, bucket, *columns)).rowcount)
 
@@ -112,7 +112,7 @@ def iso(at: float) -> str:
     return iso_utc(at, "milliseconds")
 
 
-def as_dict(row: sqlite3.Row) -> dict[str, Any]:
+def as_dict(row: Row) -> dict[str, Any]:
     """A record as `webhook-server audit --json` prints it (the contract's keys, then the fold's)."""
     return {
         "time": iso(row["at"]),
@@ -128,7 +128,7 @@ def as_dict(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
-def first_id_since(conn: sqlite3.Connection, at: float) -> int:
+def first_id_since(conn: Connection, at: float) -> int:
     """About the first id whose record began at `at` or later (one past the newest when none did).
 
     Rows are added in time order, give or take the milliseconds a commit waits, so a binary
@@ -147,7 +147,7 @@ def first_id_since(conn: sqlite3.Connection, at: float) -> int:
 
 
 def records(
-    conn: sqlite3.Connection, source: str | None, status: int | None, since: float | None, limit: int
+    conn: Connection, source: str | None, status: int | None, since: float | None, limit: int
 ) -> list[dict[str, Any]]:
     """Audit records, newest first: of one source, with one status, whose last request is since `since`."""
     clauses, params = ["1 = 1"], []
@@ -170,13 +170,13 @@ USES_BY_KEY = (
 )
 
 
-def rolled_up_through(conn: sqlite3.Connection) -> int:
+def rolled_up_through(conn: Connection) -> int:
     """The last audit id that `secret_uses` counts (0: none yet)."""
     row = conn.execute("SELECT through_id FROM audit_rollup WHERE id = 1").fetchone()
     return int(row[0]) if row else 0
 
 
-def roll_up(conn: sqlite3.Connection, now: float) -> int:
+def roll_up(conn: Connection, now: float) -> int:
     """Add to `secret_uses` the audit rows that can no longer change (their minute of folding
     is over); returns the new `through_id`. Runs in the delivery worker, in its transaction."""
     through = rolled_up_through(conn)
@@ -185,8 +185,8 @@ def roll_up(conn: sqlite3.Connection, now: float) -> int:
         return through
     conn.execute(
         f"INSERT INTO secret_uses (source, key, matches, last_match) {USES_BY_KEY}"
-        " ON CONFLICT (source, key) DO UPDATE SET matches = matches + excluded.matches,"
-        " last_match = MAX(last_match, excluded.last_match)",
+        " ON CONFLICT (source, key) DO UPDATE SET matches = secret_uses.matches + excluded.matches,"
+        " last_match = GREATEST(secret_uses.last_match, excluded.last_match)",
         (through, settled),
     )
     conn.execute(
@@ -197,7 +197,7 @@ def roll_up(conn: sqlite3.Connection, now: float) -> int:
     return settled
 
 
-def secret_uses(conn: sqlite3.Connection) -> dict[tuple[str, str], tuple[int, float]]:
+def secret_uses(conn: Connection) -> dict[tuple[str, str], tuple[int, float]]:
     """(source, fingerprint) -> (matches, time of the last match): what is rolled up, plus the
     audit rows since (a few minutes' worth while a worker runs)."""
     uses = {

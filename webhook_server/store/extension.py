@@ -1,13 +1,15 @@
-"""The store as a Flask extension: one `Store` per app, in `app.extensions`."""
+"""The store as a Flask extension: one store per app, in `app.extensions`; and `open_store`, which
+picks SQLite under DATA_DIR or PostgreSQL at DATABASE_URL for the web, the worker and the CLI."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from blinker import Namespace
 from flask import Flask, current_app
 
+from webhook_server.settings import Settings
+from webhook_server.store.base import EventStore
 from webhook_server.store.group import WEB_CHECKPOINT_COMMITS
+from webhook_server.store.postgres import PostgresStore
 from webhook_server.store.sqlite import Store
 
 EXTENSION_KEY = "webhook_store"
@@ -15,15 +17,30 @@ EXTENSION_KEY = "webhook_store"
 # the live stream listens, so the way in needs to know nothing of who follows.
 event_stored = Namespace().signal("event-stored")
 
+# PostgreSQL connections a process may hold: a web process's request threads share one group
+# writer (one connection) and read a statement at a time; the worker sends up to 8 notifications
+# and each target's 4 forwards at once, each finishing in a short transaction of its own.
+WORKER_POOL_SIZE = 16
+COMMAND_POOL_SIZE = 2
 
-def init_app(app: Flask, path: Path) -> Store:
-    # The web side retries locked writes itself (write_retrying), so SQLite must not sleep;
-    # the delivery worker checkpoints the WAL, the web processes only when it seems not to run.
-    store = Store(path, busy_timeout_ms=0, checkpoint_after=WEB_CHECKPOINT_COMMITS)
+
+def open_store(settings: Settings, pool_size: int = COMMAND_POOL_SIZE, web: bool = False) -> EventStore:
+    """The configured store; its schema is created or brought up to date first."""
+    if settings.database_url:
+        return PostgresStore(settings.database_url, pool_size)
+    if web:
+        # The web side retries locked writes itself (write_retrying), so SQLite must not sleep;
+        # the delivery worker checkpoints the WAL, the web processes only when it seems not to run.
+        return Store(settings.database_path, busy_timeout_ms=0, checkpoint_after=WEB_CHECKPOINT_COMMITS)
+    return Store(settings.database_path)
+
+
+def init_app(app: Flask, settings: Settings) -> EventStore:
+    store = open_store(settings, settings.web_threads + 1, web=True)
     app.extensions[EXTENSION_KEY] = store
     return store
 
 
-def get_store() -> Store:
-    store: Store = current_app.extensions[EXTENSION_KEY]
+def get_store() -> EventStore:
+    store: EventStore = current_app.extensions[EXTENSION_KEY]
     return store

@@ -104,7 +104,7 @@ class GroupAborted(sqlite3.OperationalError):
 class _Write:
     __slots__ = ("error", "lead", "operation", "result", "wake")
 
-    def __init__(self, operation: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(self, operation: Callable[[Any], Any]) -> None:
         self.operation = operation
         self.lead = False
         self.result: Any = None
@@ -137,7 +137,7 @@ class GroupWriter:
         self._queue: list[_Write] = []
         self._leading = False
 
-    def run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+    def run(self, operation: Callable[[Any], T]) -> T:
         item = _Write(operation)
         with self._mutex:
             if self._leading:

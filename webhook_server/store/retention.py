@@ -10,7 +10,7 @@ worked off over several calls rather than in one long stall of the worker's loop
 Events go strictly oldest id first, and stop at the first one that must stay: one waiting to be
 dispatched, one a cool-down window points at (its repeats become a summary on that window's
 event), or one with a pending delivery (deleting it would lose that notification). So what is
-kept is always every event from MIN(id) on, and `Store.id_bounds` tells a live-stream cursor
+kept is always every event from MIN(id) on, and `EventStore.id_bounds` tells a live-stream cursor
 older than that it missed something. Such a hold lasts seconds to hours (a window, the retry
 schedule), never for good.
 
@@ -27,14 +27,12 @@ whole file under the write lock) to switch auto_vacuum on at all.
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from contextlib import suppress
 from dataclasses import dataclass
 
 from webhook_server.store.audit import first_id_since, roll_up, rolled_up_through
+from webhook_server.store.base import Connection, EventStore
 from webhook_server.store.records import iso_utc
-from webhook_server.store.sqlite import Store
 
 BATCH_ROWS = 500
 # And at most about this much of bodies: 500 events of 1 MB held the write lock for 3-5 s, and an
@@ -53,7 +51,7 @@ SELECT MIN(id) FROM (
     UNION ALL SELECT MIN(first_event_id) FROM cooldowns
     UNION ALL SELECT MIN(last_event_id) FROM cooldowns
     UNION ALL SELECT MIN(+event_id) FROM deliveries WHERE status = 'pending'
-)
+) AS kept
 """
 
 
@@ -78,7 +76,7 @@ def cutoff_seconds(now: float, days: int) -> float | None:
     return now - days * DAY_SECONDS
 
 
-def event_batch(conn: sqlite3.Connection, before: str, limit: int) -> tuple[int, int]:
+def event_batch(conn: Connection, before: str, limit: int) -> tuple[int, int]:
     """Delete up to `limit` of the oldest events received before `before`, with their
     deliveries, stopping at the first one that must be kept; returns (events, deliveries)."""
     keep_from = conn.execute(KEEP_FROM).fetchone()[0]
@@ -100,20 +98,22 @@ def event_batch(conn: sqlite3.Connection, before: str, limit: int) -> tuple[int,
     return events, deliveries
 
 
-def audit_batch(conn: sqlite3.Connection, before: float, limit: int) -> int:
+def audit_batch(conn: Connection, before: float, limit: int) -> int:
     """Delete up to `limit` audit rows whose last request was before `before`, oldest first.
 
     Only rows that began before it can be old; ids follow time, so they are the ids below
     `first_id_since(before)` (found without an index on the time; see store.audit)."""
     # Never a row the secrets' counts do not include yet (see store.audit.roll_up).
     bound = min(first_id_since(conn, before), rolled_up_through(conn) + 1)
-    return conn.execute(
-        "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE id < ? AND last_at < ? ORDER BY id LIMIT ?)",
-        (bound, before, limit),
-    ).rowcount
+    return int(
+        conn.execute(
+            "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE id < ? AND last_at < ? ORDER BY id LIMIT ?)",
+            (bound, before, limit),
+        ).rowcount
+    )
 
 
-def purge_events(store: Store, before: str, batch: int, max_batches: int, pause: float) -> tuple[int, int, bool]:
+def purge_events(store: EventStore, before: str, batch: int, max_batches: int, pause: float) -> tuple[int, int, bool]:
     """Event batches until none is full or `max_batches` ran; (events, deliveries, more left)."""
     events = deliveries = 0
     for number in range(max_batches):
@@ -121,17 +121,15 @@ def purge_events(store: Store, before: str, batch: int, max_batches: int, pause:
             time.sleep(pause)
         with store.transaction() as conn:
             removed, dropped = event_batch(conn, before, batch)
-        # A batch is about 2 MB of WAL; on the worker's 0.5 s timer a pass grew the WAL by 60 MB.
-        # PASSIVE never waits, and holds no write lock.
-        with suppress(sqlite3.Error):
-            store.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        # A batch is about 2 MB of SQLite's WAL; on the worker's 0.5 s timer a pass grew it by 60 MB.
+        store.checkpoint(force=True)
         events, deliveries = events + removed, deliveries + dropped
         if removed == 0:
             return events, deliveries, False
     return events, deliveries, True
 
 
-def purge_audit(store: Store, before: float, batch: int, max_batches: int, pause: float) -> tuple[int, bool]:
+def purge_audit(store: EventStore, before: float, batch: int, max_batches: int, pause: float) -> tuple[int, bool]:
     """Audit batches until none is full or `max_batches` ran; (rows, more left)."""
     removed = 0
     for number in range(max_batches):
@@ -139,7 +137,7 @@ def purge_audit(store: Store, before: float, batch: int, max_batches: int, pause
             time.sleep(pause)
         with store.transaction() as conn:
             rows = audit_batch(conn, before, batch)
-        store.checkpointer.maybe(store.connection())
+        store.checkpoint()
         removed += rows
         if rows < batch:
             return removed, False
@@ -147,7 +145,7 @@ def purge_audit(store: Store, before: float, batch: int, max_batches: int, pause
 
 
 def purge(
-    store: Store,
+    store: EventStore,
     event_days: int,
     audit_days: int,
     now: float | None = None,

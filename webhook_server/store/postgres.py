@@ -1,0 +1,262 @@
+"""The store in PostgreSQL (DATABASE_URL), for web replicas and workers on several hosts.
+
+The rest of the program speaks the SQL of store.base (`?` marks, rows by name or position);
+`PgConnection` hands it to psycopg 3, whose `%s` marks it becomes. A process keeps one pool of
+connections (psycopg_pool), opened on first use after a fork and sized by its role.
+
+Two things SQLite gave for free need saying here:
+- Event ids in commit order. The live stream reads `id > cursor`; with two replicas inserting at
+  once, id 7 could commit before id 6 and a stream past 7 would never see 6. An event's
+  transaction therefore takes a transaction-level advisory lock before its INSERT, and gets its
+  id under it: ids are handed out and committed one transaction at a time, as SQLite's single
+  writer did. Each process still commits its threads' events together (group commit), so the
+  lock is taken once per group, not per request.
+- Schema changes. The tables come from `schema.POSTGRES_MIGRATIONS`, applied in order under an
+  advisory lock, recorded in `schema_version`: two processes starting at once do not race.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+import psycopg
+from psycopg import pq
+from psycopg_pool import ConnectionPool
+
+from webhook_server.store.base import INSERT_EVENT, Connection, EventStore
+from webhook_server.store.group import GroupAborted, GroupWriter, _Write
+from webhook_server.store.schema import POSTGRES_MIGRATIONS
+
+log = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock keys: any two numbers no other program on the database uses.
+EVENT_ORDER_LOCK = 0x5745_4231  # "WEB1"
+MIGRATION_LOCK = 0x5745_4232
+NAMED_LOCKS = 0x5745_4233  # with hashtext(name): `serialize`
+CONNECT_TIMEOUT_SECONDS = 5
+
+
+@lru_cache(maxsize=512)
+def to_postgres(sql: str) -> str:
+    """The store's SQL with psycopg's marks: `?` becomes `%s`, a literal `%` is doubled."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PgRow(tuple[Any, ...]):
+    """A row readable by column name or position, as sqlite3.Row."""
+
+    names: dict[str, int]
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            key = self.names[key]
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+
+def pg_rows(cursor: Any) -> Callable[[Sequence[Any]], PgRow]:
+    """psycopg row factory making PgRows: one row class per result's columns."""
+    names = {column.name: index for index, column in enumerate(cursor.description or ())}
+    row_class = type("Row", (PgRow,), {"names": names})
+    return lambda values: row_class(values)
+
+
+class PgConnection:
+    """A psycopg connection that takes the store's SQL as sqlite3 does."""
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[Any]:
+        return self.raw.execute(to_postgres(sql), parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> psycopg.Cursor[Any]:
+        cursor = self.raw.cursor()
+        cursor.executemany(to_postgres(sql), list(parameters))
+        return cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        """False once an error has aborted the transaction (PostgreSQL then refuses all but ROLLBACK)."""
+        return self.raw.info.transaction_status == pq.TransactionStatus.INTRANS
+
+
+class Fetched:
+    """What a statement outside a transaction gave, read whole before its connection went back."""
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self.rows = rows
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self.rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+
+class PooledStatements:
+    """`store.connection()` in PostgreSQL: each statement on a connection of the pool, autocommitted."""
+
+    in_transaction = False
+
+    def __init__(self, pool: ConnectionPool[Any]) -> None:
+        self.pool = pool
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Fetched:
+        with self.pool.connection() as raw:
+            cursor = raw.execute(to_postgres(sql), parameters)
+            return Fetched(cursor.fetchall() if cursor.description else [], cursor.rowcount)
+
+    def executemany(self, sql: str, parameters: Any, /) -> Fetched:
+        with self.pool.connection() as raw, raw.transaction():
+            cursor = raw.cursor()
+            cursor.executemany(to_postgres(sql), list(parameters))
+            return Fetched([], cursor.rowcount)
+
+
+class PgGroupWriter(GroupWriter):
+    """GroupWriter's group commit on a pooled connection. PostgreSQL aborts the whole transaction
+    on a failed statement, so each write of a group of several runs in a savepoint: a database
+    error undoes that write only; any other error (a rate-limit refusal) keeps what it wrote."""
+
+    def __init__(self, pool: Callable[[], ConnectionPool[Any]]) -> None:
+        super().__init__(lambda: None, None)  # type: ignore[arg-type, return-value]
+        self._pool = pool
+
+    def _commit(self, batch: list[_Write]) -> None:
+        try:
+            with self._pool().connection() as raw, raw.transaction():
+                conn = PgConnection(raw)
+                for item in batch:
+                    self._run_one(raw, conn, item, guarded=len(batch) > 1)
+        except Exception as exc:
+            for item in batch:  # nothing of the group is stored, whatever each one returned
+                item.error = exc
+        except BaseException:
+            interrupted = GroupAborted("the group's transaction was interrupted")
+            for item in batch:
+                item.error = interrupted
+            raise
+
+    @staticmethod
+    def _run_one(raw: psycopg.Connection[Any], conn: PgConnection, item: _Write, guarded: bool) -> None:
+        if guarded:
+            raw.execute("SAVEPOINT write")
+        try:
+            item.result = item.operation(conn)
+        except psycopg.Error as exc:
+            item.error = exc
+            if not guarded:
+                raise  # the transaction is this write's alone: roll it back
+            raw.execute("ROLLBACK TO SAVEPOINT write")
+        except Exception as exc:
+            item.error = exc
+        if guarded:
+            raw.execute("RELEASE SAVEPOINT write")
+
+
+def migrate(raw: psycopg.Connection[Any]) -> int:
+    """Apply the migrations this database lacks, one process at a time; returns its version."""
+    with raw.transaction():
+        raw.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        raw.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)")
+        row = raw.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+        current = int(row[0]) if row else 0
+        for version in range(current + 1, len(POSTGRES_MIGRATIONS) + 1):
+            raw.execute(POSTGRES_MIGRATIONS[version - 1])
+            raw.execute("INSERT INTO schema_version VALUES (%s, now())", (version,))
+            log.info("store: PostgreSQL schema now at version %s", version)
+    return len(POSTGRES_MIGRATIONS)
+
+
+class PostgresStore(EventStore):
+    """The store in one PostgreSQL database, shared by every process on every host."""
+
+    kind = "postgresql"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str, pool_size: int = 4) -> None:
+        self.url = url
+        self.pool_size = max(pool_size, 1)
+        self._pool: ConnectionPool[Any] | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self.writer = PgGroupWriter(self.pool)
+        with self.pool().connection() as raw:
+            migrate(raw)
+
+    def pool(self) -> ConnectionPool[Any]:
+        """This process's pool: a forked child opens its own (a pool's connections and threads
+        do not survive a fork)."""
+        pool = self._pool
+        if pool is not None and self._pid == os.getpid():
+            return pool
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = ConnectionPool(
+                    self.url,
+                    min_size=1,
+                    max_size=self.pool_size,
+                    kwargs={"autocommit": True, "row_factory": pg_rows, "connect_timeout": CONNECT_TIMEOUT_SECONDS},
+                    timeout=CONNECT_TIMEOUT_SECONDS,
+                    name="webhook-store",
+                    open=True,
+                )
+                self._pid = os.getpid()
+            return self._pool
+
+    def connection(self) -> PooledStatements:
+        return PooledStatements(self.pool())
+
+    @contextmanager
+    def transaction(self, immediate: bool = True) -> Iterator[PgConnection]:
+        with self.pool().connection() as raw, raw.transaction():
+            yield PgConnection(raw)
+
+    def insert_or_find(self, conn: PgConnection, row: tuple[Any, ...]) -> tuple[str, bool]:
+        """The id is given under EVENT_ORDER_LOCK (see the module's docstring)."""
+        return insert_in_order(conn, row)
+
+    def serialize(self, conn: Connection, name: str) -> None:
+        conn.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (NAMED_LOCKS, name))
+
+    def newest_given(self) -> int:
+        row = self.connection().execute("SELECT last_value, is_called FROM events_id_seq").fetchone()
+        return int(row[0]) if row[1] else 0
+
+    def close(self) -> None:
+        if self._pool is not None and self._pid == os.getpid():
+            self._pool.close()
+        self._pool = None
+
+
+def insert_in_order(conn: PgConnection, row: tuple[Any, ...]) -> tuple[str, bool]:
+    """(id, True) for a new event, or (the first one's id, False) for a known dedupe key.
+
+    The unique index decides a race (ON CONFLICT); under the lock a redelivery is found first,
+    so it uses up no id (a conflicting INSERT would take one from the sequence)."""
+    conn.execute("SELECT pg_advisory_xact_lock(?)", (EVENT_ORDER_LOCK,))
+    if row[1] is not None:
+        found = conn.execute("SELECT id FROM events WHERE source = ? AND dedupe_key = ?", (row[0], row[1])).fetchone()
+        if found is not None:
+            return str(found[0]), False
+    inserted = conn.execute(INSERT_EVENT, row).fetchall()
+    if inserted:
+        return str(inserted[0][0]), True
+    query = "SELECT id FROM events WHERE source = ? AND dedupe_key = ?"
+    existing = conn.execute(query, (row[0], row[1])).fetchone()
+    if existing is None:  # the conflicting INSERT cannot have rolled back under the lock
+        raise psycopg.errors.UniqueViolation("the event's dedupe key is taken, but by no event")
+    return str(existing[0]), False
