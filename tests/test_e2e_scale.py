@@ -48,6 +48,7 @@ class Cluster:
         }
         self.webs = {name: self.process(name, "web") for name in ("a", "b")}
         self.workers = [self.process(f"worker-{n}", "worker") for n in (1, 2)]
+        self.redis: RedisProcess | None = None
 
     def process(self, host: str, command: str, **overrides: Any) -> Server:
         workdir = self.tmp_path / host
@@ -87,6 +88,7 @@ def cluster(tmp_path: Path, postgres: PostgresProcess, sink: SmtpSink) -> Iterat
     redis = RedisProcess(tmp_path).start()
     database = postgres.new_database()
     running = Cluster(tmp_path, database, redis.url, sink.port)
+    running.redis = redis
     try:
         yield running.start()
     finally:
@@ -159,6 +161,11 @@ def test_300_events_across_two_webs_with_a_worker_killed_mid_burst(cluster: Clus
     stream.close()
 
 
+def health(web: Server) -> dict[str, Any]:
+    answer: dict[str, Any] = requests.get(f"{web.url}/health", timeout=10).json()
+    return answer
+
+
 def test_the_same_particle_event_posted_to_both_webs_is_stored_once(cluster: Cluster, sink: SmtpSink) -> None:
     form = particle_form(7, event="door-open")
     first, second = post(cluster.webs["a"].url, form), post(cluster.webs["b"].url, form)
@@ -167,6 +174,22 @@ def test_the_same_particle_event_posted_to_both_webs_is_stored_once(cluster: Clu
     wait_until(lambda: len(sink.messages) >= 1, 20, "no mail")
     time.sleep(1)
     assert len(sink.messages) == 1
+    shown = health(cluster.webs["a"])
+    assert (shown["store"], shown["redis"], shown["rate_limit_storage"]) == ("postgresql", "reachable", "redis")
+    assert "password" not in str(shown) and "postgresql://" not in str(shown)
+
+
+def test_without_redis_events_are_still_taken_delivered_and_streamed(cluster: Cluster, sink: SmtpSink) -> None:
+    stream = subscribe(cluster.webs["a"], "particle")
+    assert cluster.redis is not None
+    cluster.redis.stop()
+    taken = [post(cluster.webs["b"].url, particle_form(n, event="after-redis")) for n in range(5)]
+    assert [r.status_code for r in taken] == [202] * 5
+    ids = {r.json()["id"] for r in taken}
+    stream.wait_for(lambda ms: {m.id for m in ms} >= ids, timeout=15)  # from the stream's look at the store
+    wait_until(lambda: {str(m["X-Webhook-Event-Id"]) for m in list(sink.messages)} >= ids, 30, "not delivered")
+    wait_until(lambda: health(cluster.webs["b"])["redis"] == "unreachable", 10, "health still says reachable")
+    stream.close()
 
 
 def test_twenty_repeats_over_two_webs_and_two_workers_fold_into_one_alert_and_one_summary(
