@@ -17,6 +17,7 @@ from tests.conftest import CORE_ID, PARTICLE_SECRET
 from tests.server import Server
 from tests.services import PostgresProcess, RedisProcess
 from tests.smtpsink import SmtpSink
+from tests.test_e2e_delivery import server_env
 from tests.test_live_e2e import TOKEN_ALL, subscribe
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -27,24 +28,13 @@ class Cluster:
 
     def __init__(self, tmp_path: Path, database_url: str, redis_url: str, smtp_port: int) -> None:
         self.tmp_path = tmp_path
+        # The delivery e2e tests' settings (a fast retry and lease), on the shared store and Redis.
         self.env: dict[str, Any] = {
-            "PARTICLE_WEBHOOK_SECRET": PARTICLE_SECRET,
+            **server_env(tmp_path, smtp_port, WORKER_POLL_SECONDS=0.2, WEB_CONCURRENCY=2),
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "FLASK_SECRET_KEY": "shared-by-every-replica-0123456789",
             "SUBSCRIBER_TOKENS": f"{TOKEN_ALL}:*",
-            "RATE_LIMIT": "100000/second",
-            "SMTP_HOST": "127.0.0.1",
-            "SMTP_PORT": smtp_port,
-            "SMTP_SECURITY": "none",
-            "SMTP_EMAIL": "alerts@example.com",
-            "SMTP_TIMEOUT": 3,
-            "RECIPIENT_EMAIL": "owner@example.com",
-            "ALERT_COOLDOWN_SECONDS": 0,
-            "RETRY_BASE_SECONDS": 0.5,
-            "DELIVERY_LEASE_SECONDS": 3,
-            "WORKER_POLL_SECONDS": 0.2,
-            "WEB_CONCURRENCY": 2,
         }
         self.webs = {name: self.process(name, "web") for name in ("a", "b")}
         self.workers = [self.process(f"worker-{n}", "worker") for n in (1, 2)]

@@ -70,7 +70,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     errors.init_app(app)
     access.init_app(app, settings.log_level)
     security.init_app(app, settings.trusted_proxies)
-    events = store.init_app(app, settings)
+    events = store.init_app(app, settings.database_url, settings.database_path, settings.web_threads)
     live.init_app(app, settings, events)
     metrics_endpoint.init_app(app)
     ratelimit.init_app(app, events, settings.redis_url, settings.rate_limit)

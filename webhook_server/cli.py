@@ -26,8 +26,8 @@ from webhook_server.ops.logs import configure_logging
 from webhook_server.ops.metrics import ensure_multiprocess_dir
 from webhook_server.ops.ports import PortInUse, check_free
 from webhook_server.settings import SETTINGS, ConfigError, Settings, settings_from_environment
-from webhook_server.store.base import STORE_ERRORS
-from webhook_server.store.extension import open_store
+from webhook_server.store.base import STORE_ERRORS, EventStore
+from webhook_server.store.extension import COMMAND_POOL_SIZE, open_store
 
 GUNICORN_CONFIG = "python:webhook_server.gunicorn_conf"
 APP_SPEC = "webhook_server:create_app()"
@@ -244,6 +244,11 @@ def check_config() -> None:
     click.echo(f"  rate limit: {settings.rate_limit} ({counters})")
 
 
+def store_of(settings: Settings, pool_size: int = COMMAND_POOL_SIZE) -> EventStore:
+    """The configured store, for one command."""
+    return open_store(settings.database_url, settings.database_path, pool_size)
+
+
 def store_kind(settings: Settings) -> str:
     return "PostgreSQL" if settings.database_url else "SQLite"
 
@@ -261,7 +266,7 @@ def ping_store() -> None:
     """Exit 0 when the configured store answers a read, 1 when not (the worker's health check)."""
     settings = load_or_exit()
     try:
-        answered = open_store(settings, pool_size=1).ping()
+        answered = store_of(settings, pool_size=1).ping()
     except STORE_ERRORS as exc:
         click.echo(f"the store ({describe_store(settings)}) does not answer: {exc}", err=True)
         sys.exit(1)
@@ -298,7 +303,7 @@ def events(ctx: click.Context, source: str | None, since_text: str | None, limit
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
     settings = load_or_exit()
-    found = stored_events.list_events(open_store(settings), source, since, limit)
+    found = stored_events.list_events(store_of(settings), source, since, limit)
     if as_json:
         for event, _state in found:
             click.echo(json.dumps(event.as_dict(), ensure_ascii=False))
@@ -317,7 +322,7 @@ def events(ctx: click.Context, source: str | None, since_text: str | None, limit
 def events_show(event_id: int, as_json: bool) -> None:
     """One event whole: payload, kept headers, raw body, deliveries."""
     settings = load_or_exit()
-    document = stored_events.show(open_store(settings), event_id)
+    document = stored_events.show(store_of(settings), event_id)
     if document is None:
         click.echo(f"webhook-server: no event {event_id} (see `webhook-server events`)", err=True)
         sys.exit(1)
@@ -357,7 +362,7 @@ def audit(source: str | None, status: int | None, since: str | None, limit: int,
     """Every request to a webhook endpoint, newest first: accepted or refused, and why."""
     settings = load_or_exit()
     try:
-        found = audit_view.records(open_store(settings), source, status, since, limit)
+        found = audit_view.records(store_of(settings), source, status, since, limit)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
     if as_json:
@@ -380,7 +385,7 @@ def audit(source: str | None, status: int | None, since: str | None, limit: int,
 def sources(as_json: bool) -> None:
     """Each source: scheme, path, and each secret's fingerprint with its last match and count."""
     settings = load_or_exit()
-    described = audit_view.describe_sources(settings.sources, open_store(settings), settings.targets)
+    described = audit_view.describe_sources(settings.sources, store_of(settings), settings.targets)
     if as_json:
         for entry in described:
             click.echo(json.dumps(entry, ensure_ascii=False))
@@ -404,7 +409,7 @@ def dead_letters(ctx: click.Context) -> None:
 
 def _queue() -> DeliveryQueue:
     settings = load_or_exit()
-    return DeliveryQueue(open_store(settings), settings)
+    return DeliveryQueue(store_of(settings), settings)
 
 
 @dead_letters.command("list")

@@ -148,7 +148,7 @@ class Worker:
         self, settings: Settings, store: EventStore | None = None, clock: Callable[[], float] = time.time
     ) -> None:
         self.settings = settings
-        self.store = store or open_store(settings, WORKER_POOL_SIZE)
+        self.store = store or open_store(settings.database_url, settings.database_path, WORKER_POOL_SIZE)
         self.clock = clock
         self.queue = DeliveryQueue(self.store, settings, clock)
         self.notifiers: dict[str, Notifier] = notifiers(settings)

@@ -3,10 +3,11 @@ picks SQLite under DATA_DIR or PostgreSQL at DATABASE_URL for the web, the worke
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from blinker import Namespace
 from flask import Flask, current_app
 
-from webhook_server.settings import Settings
 from webhook_server.store.base import EventStore
 from webhook_server.store.group import WEB_CHECKPOINT_COMMITS
 from webhook_server.store.postgres import PostgresStore
@@ -24,19 +25,21 @@ WORKER_POOL_SIZE = 16
 COMMAND_POOL_SIZE = 2
 
 
-def open_store(settings: Settings, pool_size: int = COMMAND_POOL_SIZE, web: bool = False) -> EventStore:
-    """The configured store; its schema is created or brought up to date first."""
-    if settings.database_url:
-        return PostgresStore(settings.database_url, pool_size)
+def open_store(
+    database_url: str | None, database_path: Path, pool_size: int = COMMAND_POOL_SIZE, web: bool = False
+) -> EventStore:
+    """PostgreSQL at DATABASE_URL, else SQLite at `database_path`; its schema created or brought up to date."""
+    if database_url:
+        return PostgresStore(database_url, pool_size)
     if web:
         # The web side retries locked writes itself (write_retrying), so SQLite must not sleep;
         # the delivery worker checkpoints the WAL, the web processes only when it seems not to run.
-        return Store(settings.database_path, busy_timeout_ms=0, checkpoint_after=WEB_CHECKPOINT_COMMITS)
-    return Store(settings.database_path)
+        return Store(database_path, busy_timeout_ms=0, checkpoint_after=WEB_CHECKPOINT_COMMITS)
+    return Store(database_path)
 
 
-def init_app(app: Flask, settings: Settings) -> EventStore:
-    store = open_store(settings, settings.web_threads + 1, web=True)
+def init_app(app: Flask, database_url: str | None, database_path: Path, web_threads: int) -> EventStore:
+    store = open_store(database_url, database_path, web_threads + 1, web=True)
     app.extensions[EXTENSION_KEY] = store
     return store
 

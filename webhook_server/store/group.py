@@ -9,8 +9,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -113,6 +113,22 @@ class _Write:
         self.wake.acquire()  # released by the leader that wrote it, or that hands over the lead
 
 
+@contextmanager
+def all_or_nothing(batch: list[_Write]) -> Iterator[None]:
+    """An error that escapes the block fails every write of the group: none of it is stored,
+    whatever each one returned."""
+    try:
+        yield
+    except Exception as exc:
+        for item in batch:
+            item.error = exc
+    except BaseException:
+        interrupted = GroupAborted("the group's transaction was interrupted")
+        for item in batch:
+            item.error = interrupted
+        raise
+
+
 class GroupWriter:
     """Short writes from the threads of one process, committed together (group commit).
 
@@ -172,7 +188,7 @@ class GroupWriter:
             self._checkpointer.maybe(self._connection())
 
     def _commit(self, batch: list[_Write]) -> None:
-        try:
+        with all_or_nothing(batch):
             conn = self._connection()
             begin_immediate(conn)
             try:
@@ -188,11 +204,3 @@ class GroupWriter:
                 with suppress(sqlite3.Error):  # a failed COMMIT may have ended it already
                     conn.execute("ROLLBACK")
                 raise
-        except Exception as exc:
-            for item in batch:  # nothing of the group is stored, whatever each one returned
-                item.error = exc
-        except BaseException:
-            interrupted = GroupAborted("the group's transaction was interrupted")
-            for item in batch:
-                item.error = interrupted
-            raise

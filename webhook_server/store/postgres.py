@@ -30,7 +30,7 @@ from psycopg import pq
 from psycopg_pool import ConnectionPool
 
 from webhook_server.store.base import INSERT_EVENT, Connection, EventStore
-from webhook_server.store.group import GroupAborted, GroupWriter, _Write
+from webhook_server.store.group import GroupWriter, _Write, all_or_nothing
 from webhook_server.store.schema import POSTGRES_MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -136,19 +136,10 @@ class PgGroupWriter(GroupWriter):
         self._pool = pool
 
     def _commit(self, batch: list[_Write]) -> None:
-        try:
-            with self._pool().connection() as raw, raw.transaction():
-                conn = PgConnection(raw)
-                for item in batch:
-                    self._run_one(raw, conn, item, guarded=len(batch) > 1)
-        except Exception as exc:
-            for item in batch:  # nothing of the group is stored, whatever each one returned
-                item.error = exc
-        except BaseException:
-            interrupted = GroupAborted("the group's transaction was interrupted")
+        with all_or_nothing(batch), self._pool().connection() as raw, raw.transaction():
+            conn = PgConnection(raw)
             for item in batch:
-                item.error = interrupted
-            raise
+                self._run_one(raw, conn, item, guarded=len(batch) > 1)
 
     @staticmethod
     def _run_one(raw: psycopg.Connection[Any], conn: PgConnection, item: _Write, guarded: bool) -> None:
