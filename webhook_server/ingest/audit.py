@@ -16,7 +16,7 @@ from dataclasses import replace
 from flask import Flask, Response, g, request
 
 from webhook_server.store.audit import AuditRecord, record
-from webhook_server.store.base import STORE_ERRORS, Connection, guarded
+from webhook_server.store.base import STORE_ERRORS, Connection
 from webhook_server.store.extension import get_store
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,11 @@ def current_record(status: int) -> AuditRecord:
 def _kept(conn: Connection, entry: AuditRecord) -> None:
     """Write `entry`; a record that cannot be written must not cost the request its answer."""
     try:
-        with guarded(conn):
-            record(conn, entry)
+        record(conn, entry)
     except STORE_ERRORS:
-        if not conn.in_transaction:  # the error ended the whole transaction: let it fail
+        # The error ended the whole transaction (PostgreSQL does on any error): let it fail; the
+        # event is then stored without its record (store.base.EventStore.insert_event).
+        if not conn.in_transaction:
             raise
         log.warning("audit record not written", exc_info=True)
 

@@ -20,7 +20,7 @@ from limits.strategies import FixedWindowRateLimiter
 
 from webhook_server.errors import RateLimited
 from webhook_server.ingest.sources import Source
-from webhook_server.store.base import STORE_ERRORS, Connection, EventStore, guarded
+from webhook_server.store.base import STORE_ERRORS, Connection, EventStore
 from webhook_server.store.counters import StoreCounters, increment
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,7 @@ class Hit:
         self.counted = True
         for item in self.items:
             try:
-                with guarded(conn):
-                    count, reset_at = increment(conn, item.key_for(*self.identifiers), item.get_expiry())
+                count, reset_at = increment(conn, item.key_for(*self.identifiers), item.get_expiry())
             except STORE_ERRORS:
                 if not conn.in_transaction:  # the error ended the group's transaction: abort it
                     raise

@@ -10,14 +10,17 @@ newest id ever given) is each store's own.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import psycopg
 
 from webhook_server.store.records import Received, StoredEvent, event_from_row, utc_now_iso
+
+log = logging.getLogger(__name__)
 
 # What a store raises when it cannot answer: the web side says 503, the worker tries again.
 STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
@@ -51,24 +54,6 @@ class Connection(Protocol):
 
     @property
     def in_transaction(self) -> bool: ...
-
-
-@contextmanager
-def guarded(conn: Connection) -> Iterator[None]:
-    """Inside a transaction: a database error in the block undoes only what the block did, and is
-    raised. SQLite undoes a failing statement by itself; PostgreSQL aborts the whole transaction,
-    so there the block runs in a savepoint."""
-    if isinstance(conn, sqlite3.Connection):
-        yield
-        return
-    conn.execute("SAVEPOINT guarded")
-    try:
-        yield
-    except STORE_ERRORS:
-        conn.execute("ROLLBACK TO SAVEPOINT guarded")
-        conn.execute("RELEASE SAVEPOINT guarded")
-        raise
-    conn.execute("RELEASE SAVEPOINT guarded")
 
 
 class Writer(Protocol):
@@ -141,8 +126,21 @@ class EventStore:
             return event_id, created
 
         # Committed (with whatever other threads of this process wrote meanwhile) on return.
-        result: tuple[str, bool] = self.writer.run(insert)
+        try:
+            result: tuple[str, bool] = self.writer.run(insert)
+        except STORE_ERRORS as exc:
+            if (before is None and after is None) or not self.refused_statement(exc):
+                raise
+            # The count or the audit record was refused (PostgreSQL then refuses the whole
+            # transaction): the event matters more than either.
+            log.warning("event stored without its rate-limit count and audit record: %s", exc)
+            result = self.writer.run(lambda conn: self.insert_or_find(conn, row))
         return result
+
+    def refused_statement(self, exc: Exception) -> bool:
+        """True when the database answered but refused a statement (not a lost connection). SQLite's
+        hooks never raise such an error: SQLite undoes the failed statement and goes on."""
+        return False
 
     def insert_or_find(self, conn: Any, row: tuple[Any, ...]) -> tuple[str, bool]:
         """(id, True) for a new event, or (the first one's id, False) when its dedupe key is known."""
