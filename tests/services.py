@@ -68,12 +68,14 @@ class RedisProcess:
 
 class PostgresProcess:
     """A throwaway PostgreSQL cluster: `initdb` into a temporary directory as the `postgres` user
-    (PostgreSQL refuses to run as root), fsync off (tests only), on a free loopback port.
+    (PostgreSQL refuses to run as root), fsync off (tests only; `durable=True`, for benchmarks,
+    keeps PostgreSQL's defaults: fsync, synchronous_commit, full_page_writes), on a free loopback port.
 
     `new_database()` gives each test a database of its own, copied from a template that already
     has the schema, so a test costs a CREATE DATABASE, not a migration."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        self.durable = durable
         self.port = free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="wh-pg-"))
         self.bin = Path(debian_binary("initdb", "postgresql", "/usr/lib/postgresql/*/bin/initdb")).parent
@@ -91,8 +93,9 @@ class PostgresProcess:
             shutil.chown(self.directory, "postgres")
         data = str(self.directory / "data")
         self._as_postgres(str(self.bin / "initdb"), "-D", data, "-U", "postgres", "--auth=trust", "--locale=C.UTF-8")
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.directory} -c fsync=off"
-        options += " -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.directory} -c max_connections=300"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         # Each line names its database and its transaction (%v: the same for every statement of
         # one, savepoints included), for `statements`.
         options += " -c log_line_prefix='%d|%v|'"
