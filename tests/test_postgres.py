@@ -16,8 +16,15 @@ import pytest
 from tests.conftest import base_settings
 from tests.services import PostgresProcess
 from webhook_server.delivery.queue import DeliveryQueue
-from webhook_server.settings import load_settings
-from webhook_server.store.postgres import PostgresStore
+from webhook_server.errors import RateLimited
+from webhook_server.ingest.ratelimit import Hit, RateLimits
+from webhook_server.settings import ConfigError, load_settings
+from webhook_server.store.audit import AuditRecord, record, secret_uses
+from webhook_server.store.base import STORE_ERRORS
+from webhook_server.store.counters import StoreCounters
+from webhook_server.store.group import _Write
+from webhook_server.store.postgres import EVENT_ORDER_LOCK, IDLE_CHECK_SECONDS, PostgresStore
+from webhook_server.store.retention import purge
 from webhook_server.store.schema import POSTGRES_MIGRATIONS
 
 
@@ -184,3 +191,128 @@ def test_two_workers_dispatching_at_once_fold_repeats_into_one_alert(url: str, t
     assert conn.execute("SELECT repeats FROM cooldowns").fetchone()[0] == 19
     assert queues[1].close_windows(now=time.time() + 7200) == 1
     assert conn.execute("SELECT repeats FROM deliveries WHERE kind = 'summary'").fetchall() == [(19,)]
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def _captured(store: PostgresStore, key: str, before: Any) -> Any:
+    """The operation `insert_event` hands its group writer, to put several in one group."""
+    operations: list[Any] = []
+    run = store.writer.run
+    store.writer.run = lambda op: operations.append(op) or ("?", True)  # type: ignore[method-assign]
+    store.insert_event("particle", key, "e", "d", None, {}, before=before)
+    store.writer.run = run  # type: ignore[method-assign]
+    return operations[0]
+
+
+def _hit(store: PostgresStore, client: str, limit: str = "1000/minute") -> Hit:
+    limits = RateLimits(StoreCounters(store), limit)
+    return Hit(limits, limits.items(limit), ("particle", client))
+
+
+def test_replicas_counting_the_same_client_do_not_deadlock(url: str) -> None:
+    """A's group counts client Y then X; B counts X in between. Each group takes the event-order
+    lock before any row, so B waits for A instead of each waiting for the other."""
+    a, b = PostgresStore(url), PostgresStore(url)
+    outcome: dict[str, Any] = {}
+
+    def replica_b() -> None:
+        time.sleep(0.1)
+        hit = _hit(b, "X")
+        outcome["b"] = b.insert_event("particle", "b1", "e", "d", None, {}, before=hit.count_in)
+
+    def replica_a() -> None:
+        y, x = _hit(a, "Y"), _hit(a, "X")
+        slow_x = lambda conn: (time.sleep(0.4), x.count_in(conn))  # noqa: E731
+        batch = [_Write(_captured(a, "a1", y.count_in)), _Write(_captured(a, "a2", slow_x))]
+        a.writer._commit(batch)
+        outcome["a"] = [w.error or w.result for w in batch]
+
+    threads = [threading.Thread(target=replica_b), threading.Thread(target=replica_a)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r[1] for r in outcome["a"]] == [True, True] and outcome["b"][1] is True
+    counts = dict(a.connection().execute("SELECT key, count FROM counters").fetchall())
+    assert sorted(counts.values()) == [1, 2]  # Y once, X twice
+
+
+def test_a_write_run_again_after_another_was_refused_still_counts_its_request(url: str) -> None:
+    store = PostgresStore(url)
+    first = _hit(store, "192.0.2.1", "1/minute")
+    store.insert_event("particle", "k1", "e", "d", None, {}, before=first.count_in)
+    second = _hit(store, "192.0.2.1", "1/minute")  # over the limit
+    batch = [_Write(_captured(store, "k2", second.count_in)), _Write(lambda conn: conn.execute("SELECT 1/0"))]
+    store.writer._commit(batch)  # the second is refused: the group is written again without it
+    assert isinstance(batch[0].error, RateLimited) and isinstance(batch[1].error, psycopg.errors.DivisionByZero)
+    assert store.connection().execute("SELECT COUNT(*) FROM events").fetchone()[0] == 1
+
+
+def test_two_workers_rolling_up_at_once_count_each_use_once(url: str) -> None:
+    workers = [PostgresStore(url), PostgresStore(url)]
+    now = time.time()
+    for round_ in range(10):
+        with workers[0].transaction() as conn:
+            for _ in range(5):
+                record(conn, AuditRecord(now - 3600 + round_, "particle", "192.0.2.1", 202, None, 1.0, None, "fp1"))
+        barrier = threading.Barrier(2)
+
+        def housekeeping(store: PostgresStore, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            purge(store, 30, 30, now)
+
+        threads = [threading.Thread(target=housekeeping, args=(w,)) for w in workers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert secret_uses(workers[0].connection())[("particle", "fp1")][0] == 50
+
+
+def test_a_replica_stuck_in_its_transaction_holds_the_others_seconds_not_for_ever(url: str) -> None:
+    store = PostgresStore(url)
+    with psycopg.connect(url) as stuck:  # a replica paused (say its VM) while holding the lock
+        stuck.execute("SELECT pg_advisory_xact_lock(%s)", (EVENT_ORDER_LOCK,))
+        started = time.monotonic()
+        with pytest.raises(STORE_ERRORS):
+            store.insert_event("particle", None, "e", "d", None, {})
+        assert time.monotonic() - started < 8  # lock_timeout: 5 s, then a 503
+    assert store.insert_event("particle", None, "e", "d", None, {})[1] is True
+
+
+def _retried(operation: Any, seconds: float = 20.0) -> Any:
+    """`operation`'s result once the store answers (the pool reconnects with a growing pause)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return operation()
+        except STORE_ERRORS:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_a_store_opened_before_its_server_starts_works_once_it_does(tmp_path: Path) -> None:
+    server = PostgresProcess()
+    store = PostgresStore(server.url(), pool_size=2)  # nothing listens yet: no error now
+    assert store.ping() is False
+    with pytest.raises(STORE_ERRORS):
+        store.insert_event("particle", None, "e", "d", None, {})
+    server.start()
+    try:
+        assert _retried(lambda: store.insert_event("particle", None, "e", "d", None, {})) == ("1", True)
+        server.restart()  # the pool's connections are now dead
+        time.sleep(IDLE_CHECK_SECONDS + 0.5)
+        assert store.insert_event("particle", None, "e", "d", None, {}) == ("2", True)  # checked, replaced
+    finally:
+        store.close()
+        server.stop()
+
+
+def test_a_url_libpq_cannot_read_is_refused_without_quoting_it(tmp_path: Path) -> None:
+    bad = "postgresql://app:Sup3rSecret%zzPw@db:5432/x"
+    with pytest.raises(ConfigError) as refused:
+        load_settings(base_settings(tmp_path, DATABASE_URL=bad))
+    assert "DATABASE_URL" in str(refused.value) and "Sup3r" not in str(refused.value)

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -260,3 +261,23 @@ def test_an_existing_data_dir_keeps_its_mode(tmp_path: Path) -> None:
     Store(data / "webhooks.sqlite3")
     assert stat.S_IMODE(data.stat().st_mode) == 0o750
     assert stat.S_IMODE((data / "webhooks.sqlite3").stat().st_mode) == 0o600
+
+
+def test_a_store_that_does_not_answer_is_a_json_503_never_a_500(make_app: Callable[..., Any]) -> None:
+    """A poll reads the store before its stream starts, and any store error a view lets through
+    (SQLite's or PostgreSQL's) is answered as the store being unavailable."""
+    import psycopg
+
+    app = make_app(SUBSCRIBER_TOKENS="sub-token-0123456789abcdef:*")
+    store = app.extensions["webhook_store"]
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise psycopg.OperationalError("the server went away")
+
+    store.connection = down
+    client = app.test_client()
+    headers = {"Authorization": "Bearer sub-token-0123456789abcdef"}
+    answer = client.get("/events/particle?poll=1&since=0", headers=headers)
+    assert answer.status_code == 503 and answer.get_json()["error"] == "unavailable"
+    assert answer.headers["Retry-After"] == "5"
+    assert client.get("/health").status_code == 503

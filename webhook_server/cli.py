@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
+from psycopg.conninfo import conninfo_to_dict
 
 from webhook_server.delivery.queue import DeliveryQueue
 from webhook_server.delivery.worker import SignalStop, Worker
@@ -257,8 +257,8 @@ def describe_store(settings: Settings) -> str:
     """Where the store is, never with the URL's password."""
     if not settings.database_url:
         return f"SQLite at {settings.database_path}"
-    url = urlsplit(settings.database_url)
-    return f"PostgreSQL at {url.hostname or 'localhost'}:{url.port or 5432}{url.path}"
+    parts = conninfo_to_dict(settings.database_url)  # read once already (values.database_url)
+    return f"PostgreSQL at {parts.get('host') or 'localhost'}:{parts.get('port') or 5432}/{parts.get('dbname') or ''}"
 
 
 @main.command("ping-store")

@@ -24,6 +24,8 @@ from werkzeug.exceptions import (
     UnsupportedMediaType,
 )
 
+from webhook_server.store.base import STORE_ERRORS
+
 
 @dataclass(frozen=True)
 class Status:
@@ -149,6 +151,15 @@ def init_app(app: Flask) -> None:
     def _http(error: HTTPException) -> Response:
         g.reason = reason_of(error)  # the access log line carries it (ops.access)
         return error_response(error)
+
+    def _store_down(error: Exception) -> Response:
+        # A store error a view did not turn into a 503 itself (say, read before a stream began).
+        app.logger.warning("the store did not answer: %s", type(error).__name__)
+        g.reason = "the store did not answer"
+        return error_response(StoreUnavailable())
+
+    for store_error in STORE_ERRORS:
+        app.register_error_handler(store_error, _store_down)
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:

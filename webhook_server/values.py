@@ -7,7 +7,9 @@ import ipaddress
 import re
 import zoneinfo
 
+import psycopg
 from limits import parse_many
+from psycopg.conninfo import conninfo_to_dict
 
 MIN_SECRET_LENGTH = 16
 SECURITY_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
@@ -146,9 +148,14 @@ def log_level(value: str) -> str:
 
 
 def database_url(value: str) -> str:
-    """A PostgreSQL connection URL; psycopg reads the rest (host, port, sslmode ...)."""
+    """A PostgreSQL connection URL that libpq can read. Its own message would quote the part it
+    could not read, the password perhaps, so ours says only what to check."""
     if not value.startswith(("postgresql://", "postgres://")):
         raise ValueError("not a PostgreSQL URL")
+    try:
+        conninfo_to_dict(value)
+    except psycopg.Error:
+        raise ValueError("not a URL libpq can read: percent-encode @ : / % [ ] in the password") from None
     return value
 
 

@@ -45,6 +45,7 @@ class Hit:
         self.items = items
         self.identifiers = identifiers
         self.counted = False
+        self.counted_in: Connection | None = None  # the transaction `count_in` counted in
 
     def count(self) -> None:
         """Count the request now; raise `RateLimited` when a window is over its limit."""
@@ -79,11 +80,13 @@ class Hit:
     def count_in(self, conn: Connection) -> None:
         """Count the request in the transaction that stores its event (store counters only).
 
-        A counter that cannot be written lets the event through, as in `RateLimits.check`.
+        A counter that cannot be written lets the event through, as in `RateLimits.check`. Run
+        again on another connection, it counts again: store.postgres' PgGroupWriter writes a group
+        again (on a new connection object) after rolling back the attempt that counted.
         """
-        if self.counted:
+        if self.counted and self.counted_in in (None, conn):  # by `check`, or in this transaction
             return
-        self.counted = True
+        self.counted, self.counted_in = True, conn
         for item in self.items:
             try:
                 count, reset_at = increment(conn, item.key_for(*self.identifiers), item.get_expiry())

@@ -16,13 +16,13 @@ from collections.abc import Callable, Iterator
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import NotFound
 
-from webhook_server.errors import MalformedBody
+from webhook_server.errors import MalformedBody, StoreUnavailable
 from webhook_server.live import access
 from webhook_server.live.service import Live, get_live, stopping
 from webhook_server.live.stream import Heartbeat, Item, Overflow, Reset, backlog, follow, starting_point
 from webhook_server.ops.metrics import live_subscriber, record_streamed
 from webhook_server.settings import Settings
-from webhook_server.store.base import EventStore
+from webhook_server.store.base import STORE_ERRORS, EventStore
 from webhook_server.store.extension import get_store
 from webhook_server.store.records import StoredEvent
 
@@ -72,7 +72,13 @@ def events(channels: str) -> Response:
     raw = request.args.get("raw") == "1"
     store = get_store()
     if request.args.get("poll") == "1":
-        return Response(poll(store, sources, since, raw), mimetype="text/event-stream", headers=STREAM_HEADERS)
+        # Read before the response starts, so that a store that does not answer is a 503.
+        try:
+            cursor, reset = starting_point(store, since, store.newest_id())
+        except STORE_ERRORS:
+            raise StoreUnavailable() from None
+        body = poll(store, sources, cursor, reset, raw)
+        return Response(body, mimetype="text/event-stream", headers=STREAM_HEADERS)
     live.take_place()  # 503 now, before the stream starts, when this process is full
     client = request.environ.get("gunicorn.socket")
     body = stream(store, live, sources, since, raw, channels, ended(client) if client is not None else stopping)
@@ -82,9 +88,8 @@ def events(channels: str) -> Response:
 STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
-def poll(store: EventStore, sources: frozenset[str], since: int | None, raw: bool) -> Iterator[bytes]:
+def poll(store: EventStore, sources: frozenset[str], cursor: int, reset: Reset | None, raw: bool) -> Iterator[bytes]:
     """The stored events after the cursor, and the end (for scripts and cron)."""
-    cursor, reset = starting_point(store, since, store.newest_id())
     if reset is not None:
         yield frame(reset, raw)
     sent = 0

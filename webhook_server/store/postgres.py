@@ -6,11 +6,11 @@ connections (psycopg_pool), opened on first use after a fork and sized by its ro
 
 Two things SQLite gave for free need saying here:
 - Event ids in commit order. The live stream reads `id > cursor`; with two replicas inserting at
-  once, id 7 could commit before id 6 and a stream past 7 would never see 6. An event's
-  transaction therefore takes a transaction-level advisory lock before its INSERT, and gets its
-  id under it: ids are handed out and committed one transaction at a time, as SQLite's single
-  writer did. Each process still commits its threads' events together (group commit), so the
-  lock is taken once per group, not per request.
+  once, id 7 could commit before id 6 and a stream past 7 would never see 6. Each group commit
+  (PgGroupWriter: every event, audit record and count of the way in) therefore takes a
+  transaction-level advisory lock first, and its events get their ids under it: ids are handed out
+  and committed one transaction at a time, as SQLite's single writer did. Each process still
+  commits its threads' writes together, so the lock is taken once per group, not per request.
 - Schema changes. The tables come from `schema.POSTGRES_MIGRATIONS`, applied in order under an
   advisory lock, recorded in `schema_version`: two processes starting at once do not race.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 EVENT_ORDER_LOCK = 0x5745_4231  # "WEB1"
 MIGRATION_LOCK = 0x5745_4232
 NAMED_LOCKS = 0x5745_4233  # with hashtext(name): `serialize`
-CONNECT_TIMEOUT_SECONDS = 5
+POOL_WAIT_SECONDS = 3  # for a free connection, or a new one: then the web answers 503
+RECONNECT_SECONDS = 5.0
+IDLE_CHECK_SECONDS = 2.0  # a connection idle longer is checked before use (the server may have restarted)
 
 
 @lru_cache(maxsize=512)
@@ -67,6 +70,33 @@ def pg_rows(cursor: Any) -> Callable[[Sequence[Any]], PgRow]:
     names = {column.name: index for index, column in enumerate(cursor.description or ())}
     row_class = type("Row", (PgRow,), {"names": names})
     return lambda values: row_class(values)
+
+
+# Every connection: bounded waits, so a replica that hangs mid-transaction (a paused VM) holds
+# the others for seconds, not for ever, and a dead peer is noticed by TCP keepalives.
+CONNECTION_SETTINGS: dict[str, Any] = {
+    "autocommit": True,
+    "row_factory": pg_rows,
+    "connect_timeout": 5,
+    "options": "-c lock_timeout=5s -c statement_timeout=30s -c idle_in_transaction_session_timeout=60s",
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+
+
+def mark_used(raw: psycopg.Connection[Any]) -> None:
+    """Called by the pool as a connection comes back: when it was last used."""
+    raw._webhook_used_at = time.monotonic()  # type: ignore[attr-defined]
+
+
+def check_if_idle(raw: psycopg.Connection[Any]) -> None:
+    """Called by the pool before it hands a connection out: one that sat idle is asked a
+    round trip first, and replaced when it broke (a restarted server). A busy one is not asked,
+    so the way in pays nothing for it under load."""
+    if time.monotonic() - getattr(raw, "_webhook_used_at", 0.0) > IDLE_CHECK_SECONDS:
+        raw.execute("")
 
 
 class PgConnection:
@@ -153,6 +183,9 @@ class PgGroupWriter(GroupWriter):
             try:
                 with raw.transaction():
                     conn = PgConnection(raw)
+                    # First, before any row is locked: a group that locked a counter row and then
+                    # waited for this lock could deadlock with another replica's.
+                    conn.execute("SELECT pg_advisory_xact_lock(?)", (EVENT_ORDER_LOCK,))
                     for item in batch:
                         item.error = None
                         try:
@@ -193,25 +226,42 @@ class PostgresStore(EventStore):
         self.pool_size = max(pool_size, 1)
         self._pool: ConnectionPool[Any] | None = None
         self._pid = 0
+        self._migrated = False
         self._lock = threading.Lock()
         self.writer = PgGroupWriter(self.pool)
-        with self.pool().connection() as raw:
-            migrate(raw)
+        try:
+            self.pool()
+        except psycopg.OperationalError as exc:
+            # A replica may start while the database is away: it answers 503 until it is back.
+            log.warning("store: PostgreSQL does not answer yet (%s); trying again on each use", exc)
 
     def pool(self) -> ConnectionPool[Any]:
-        """This process's pool: a forked child opens its own (a pool's connections and threads
-        do not survive a fork)."""
+        """This process's pool, its schema brought up to date on first use. A forked child opens
+        its own (a pool's connections and threads do not survive a fork)."""
         pool = self._pool
-        if pool is not None and self._pid == os.getpid():
-            return pool
+        if pool is None or self._pid != os.getpid():
+            pool = self._open_pool()
+        if not self._migrated:
+            with pool.connection() as raw:
+                migrate(raw)
+            self._migrated = True
+        return pool
+
+    def _open_pool(self) -> ConnectionPool[Any]:
         with self._lock:
             if self._pool is None or self._pid != os.getpid():
                 self._pool = ConnectionPool(
                     self.url,
                     min_size=1,
                     max_size=self.pool_size,
-                    kwargs={"autocommit": True, "row_factory": pg_rows, "connect_timeout": CONNECT_TIMEOUT_SECONDS},
-                    timeout=CONNECT_TIMEOUT_SECONDS,
+                    kwargs=CONNECTION_SETTINGS,
+                    timeout=POOL_WAIT_SECONDS,
+                    # The pool retries a failed connection with a pause that doubles each time: an
+                    # outage of a minute was followed by a minute of 503s. Given up after this
+                    # long, the next request starts afresh.
+                    reconnect_timeout=RECONNECT_SECONDS,
+                    check=check_if_idle,
+                    reset=mark_used,
                     name="webhook-store",
                     open=True,
                 )
@@ -227,7 +277,7 @@ class PostgresStore(EventStore):
             yield PgConnection(raw)
 
     def insert_or_find(self, conn: PgConnection, row: tuple[Any, ...]) -> tuple[str, bool]:
-        """The id is given under EVENT_ORDER_LOCK (see the module's docstring)."""
+        """Run by the group writer, which holds EVENT_ORDER_LOCK (see the module's docstring)."""
         return insert_in_order(conn, row)
 
     def refused_statement(self, exc: Exception) -> bool:
@@ -251,7 +301,6 @@ def insert_in_order(conn: PgConnection, row: tuple[Any, ...]) -> tuple[str, bool
 
     The unique index decides a race (ON CONFLICT); under the lock a redelivery is found first,
     so it uses up no id (a conflicting INSERT would take one from the sequence)."""
-    conn.execute("SELECT pg_advisory_xact_lock(?)", (EVENT_ORDER_LOCK,))
     if row[1] is not None:
         found = conn.execute("SELECT id FROM events WHERE source = ? AND dedupe_key = ?", (row[0], row[1])).fetchone()
         if found is not None:
