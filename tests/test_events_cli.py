@@ -12,12 +12,21 @@ import pytest
 from click.testing import CliRunner
 from flask import Flask
 
-from tests.conftest import PARTICLE_SECRET, WEBHOOK_SECRET, assert_accepted, bearer, particle_event, signed_headers
+from tests.conftest import (
+    PARTICLE_SECRET,
+    assert_accepted,
+    base_settings,
+    bearer,
+    particle_event,
+    signed_headers,
+)
 from tests.smtpsink import SmtpSink
 from webhook_server.cli import main
 from webhook_server.delivery.worker import Worker
 from webhook_server.ops.events import Since, parse_since
 from webhook_server.settings import load_settings
+
+pytestmark = pytest.mark.usefixtures("each_store")
 
 
 @pytest.fixture
@@ -32,11 +41,7 @@ def posted(make_app: Callable[..., Flask], tmp_path: Path) -> tuple[dict[str, st
     ids.append(
         assert_accepted(client.post("/webhook", data=body, headers=signed_headers(body, **{"X-GitHub-Event": "push"})))
     )
-    env = {
-        "PARTICLE_WEBHOOK_SECRET": PARTICLE_SECRET,
-        "WEBHOOK_SECRET": WEBHOOK_SECRET,
-        "DATA_DIR": str(tmp_path / "data"),
-    }
+    env = {k: str(v) for k, v in base_settings(tmp_path).items()}  # the app's store, SQLite or PostgreSQL
     return env, ids, body
 
 
@@ -129,7 +134,7 @@ def test_events_replay_sends_the_mail_again(make_app: Callable[..., Flask], tmp_
         }
         app = make_app(**smtp)
         event_id = assert_accepted(app.test_client().post("/webhook/particle", data=particle_event(), headers=bearer()))
-        env = {"PARTICLE_WEBHOOK_SECRET": PARTICLE_SECRET, "DATA_DIR": str(tmp_path / "data"), **smtp}
+        env = {**{k: str(v) for k, v in base_settings(tmp_path).items()}, **smtp}
         worker = Worker(load_settings(env))
         while worker.run_once():
             pass

@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -24,6 +25,7 @@ def stored(app: Flask, event_id: str) -> StoredEvent:
     return event
 
 
+@pytest.mark.usefixtures("each_store")
 def test_a_signed_body_is_kept_byte_for_byte_with_its_signature(app: Flask, client: FlaskClient) -> None:
     body = b'{"zen":  "Keep it simple.",\n "n": 1.50}'  # spacing and 1.50 would not survive a re-encoding
     headers = signed_headers(
@@ -42,6 +44,7 @@ def test_a_signed_body_is_kept_byte_for_byte_with_its_signature(app: Flask, clie
         assert name.lower() not in [n.lower() for n in names], name
 
 
+@pytest.mark.usefixtures("each_store")
 def test_a_bearer_token_is_never_kept(app: Flask, client: FlaskClient) -> None:
     form = particle_event()
     response = client.post(
@@ -56,6 +59,7 @@ def test_a_bearer_token_is_never_kept(app: Flask, client: FlaskClient) -> None:
     assert all("particle-secret" not in value for value in kept.values())
 
 
+@pytest.mark.usefixtures("each_store")
 def test_raw_fields_in_the_event_json(app: Flask, client: FlaskClient) -> None:
     body = json.dumps({"event": "deploy"}).encode()
     event = stored(app, assert_accepted(client.post("/webhook", data=body, headers=signed_headers(body))))

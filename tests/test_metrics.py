@@ -23,6 +23,8 @@ from tests.conftest import PARTICLE_SECRET, assert_error, assert_unauthorized, b
 from tests.server import Server
 from webhook_server.ops import metrics
 
+pytestmark = pytest.mark.usefixtures("each_store")
+
 METRICS_TOKEN = "metrics-token-0123456789abcdef"
 ACCEPTED = ("webhook_requests_total", {"source": "particle", "outcome": "accepted"})
 

@@ -23,6 +23,8 @@ from werkzeug.test import TestResponse
 from tests.conftest import CORE_ID, assert_accepted, assert_error, bearer, particle_event, signed_headers
 from webhook_server.ingest.events import EVENT_HEADERS
 
+pytestmark = pytest.mark.usefixtures("each_store")
+
 FORM = "application/x-www-form-urlencoded"
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -937,13 +939,20 @@ def test_a_store_that_cannot_write_is_503_with_retry_after(
 ) -> None:
     import sqlite3
 
-    from webhook_server.store.sqlite import Store
+    import psycopg
+
+    from webhook_server.store.base import EventStore
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(Store, "insert_event", broken)
+    def gone(*args: Any, **kwargs: Any) -> Any:
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(EventStore, "insert_event", broken)
     response = post_particle_json(client, particle_event())
+    monkeypatch.setattr(EventStore, "insert_event", gone)
+    assert_error(post_particle_json(client, particle_event(data="2")), 503, "unavailable")
     body = assert_error(response, 503, "unavailable")
     assert response.headers["Retry-After"] == "5"
     assert "disk" not in body["message"]
