@@ -107,11 +107,19 @@ class PostgresProcess:
         log = str(self.directory / "log")
         self._as_postgres(str(self.bin / "pg_ctl"), "-D", data, "-o", options, "-l", log, "start", "-w")
 
+    def halt(self) -> None:
+        """A fast shutdown, keeping the data: clients' connections break and new ones are refused."""
+        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.directory / "data"), "stop", "-m", "fast", "-w")
+
+    def resume(self) -> None:
+        """Start again after `halt`, on the same port."""
+        self._launch()
+
     def restart(self) -> None:
         """A fast shutdown and a start again, on the same port: clients' connections break.
         (Not `pg_ctl restart`: the server it starts keeps this process's output pipe open.)"""
-        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.directory / "data"), "stop", "-m", "fast", "-w")
-        self._launch()
+        self.halt()
+        self.resume()
 
     def stop(self) -> None:
         data = str(self.directory / "data")

@@ -205,3 +205,31 @@ def test_twenty_repeats_over_two_webs_and_two_workers_fold_into_one_alert_and_on
         cluster.stop()
         redis.stop()
         postgres.drop(database)
+
+
+def test_postgresql_away_for_a_while_then_back(tmp_path: Path, sink: SmtpSink) -> None:
+    """A web and a worker on a PostgreSQL of their own, which is stopped and started again."""
+    postgres = PostgresProcess().start()
+    cluster = Cluster(tmp_path, postgres.url(), "", sink.port)
+    del cluster.env["REDIS_URL"]
+    web, worker = cluster.process("a", "web"), cluster.process("worker-1", "worker")
+    try:
+        web.start()
+        worker.start()
+        assert post(web.url, particle_form(1, event="before")).status_code == 202
+        wait_until(lambda: len(sink.messages) == 1, 20, "no mail before the outage")
+        postgres.halt()
+        started = time.monotonic()
+        refused = post(web.url, particle_form(2, event="during"))
+        assert refused.status_code == 503 and refused.json()["error"] == "unavailable"
+        assert time.monotonic() - started < 5
+        assert requests.get(f"{web.url}/health", timeout=10).status_code == 503
+        postgres.resume()
+        wait_until(lambda: post(web.url, particle_form(3, event="after")).status_code == 202, 20, "no 202 after")
+        wait_until(lambda: len(sink.messages) == 2, 20, "no mail after the outage")
+        assert worker.output().count("store error in worker") == 1
+        wait_until(lambda: "the store answers the worker again" in worker.output(), 10, "worker did not say so")
+    finally:
+        web.stop()
+        worker.stop()
+        postgres.stop()

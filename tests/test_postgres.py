@@ -13,17 +13,26 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import base_settings
+from tests.conftest import base_settings, bearer, particle_event
 from tests.services import PostgresProcess
+from webhook_server import create_app
 from webhook_server.delivery.queue import DeliveryQueue
 from webhook_server.errors import RateLimited
 from webhook_server.ingest.ratelimit import Hit, RateLimits
 from webhook_server.settings import ConfigError, load_settings
+from webhook_server.store import postgres as postgres_store
 from webhook_server.store.audit import AuditRecord, record, secret_uses
 from webhook_server.store.base import STORE_ERRORS
 from webhook_server.store.counters import StoreCounters
 from webhook_server.store.group import _Write
-from webhook_server.store.postgres import EVENT_ORDER_LOCK, IDLE_CHECK_SECONDS, PostgresStore
+from webhook_server.store.postgres import (
+    CONNECTION_SETTINGS,
+    EVENT_ORDER_LOCK,
+    IDLE_CHECK_SECONDS,
+    NAMED_LOCKS,
+    POOL_WAIT_SECONDS,
+    PostgresStore,
+)
 from webhook_server.store.retention import purge
 from webhook_server.store.schema import POSTGRES_MIGRATIONS
 
@@ -316,3 +325,77 @@ def test_a_url_libpq_cannot_read_is_refused_without_quoting_it(tmp_path: Path) -
     with pytest.raises(ConfigError) as refused:
         load_settings(base_settings(tmp_path, DATABASE_URL=bad))
     assert "DATABASE_URL" in str(refused.value) and "Sup3r" not in str(refused.value)
+
+
+# --------------------------------------------------------------------------- found in a second review
+
+
+def test_while_the_database_is_away_the_way_in_answers_503_in_one_wait_not_three(tmp_path: Path) -> None:
+    server = PostgresProcess()  # never started: nothing listens at its port
+    app = create_app(base_settings(tmp_path, DATABASE_URL=server.url()))
+    client = app.test_client()
+    started = time.monotonic()
+    answer = client.post("/webhook/particle", data=particle_event(), headers=bearer())
+    first = time.monotonic() - started
+    assert answer.status_code == 503 and answer.get_json()["error"] == "unavailable"
+    started = time.monotonic()
+    assert client.post("/webhook/particle", data=particle_event(data="2"), headers=bearer()).status_code == 503
+    second = time.monotonic() - started
+    assert first < POOL_WAIT_SECONDS + 1.5 and second < 0.5, (first, second)
+    app.extensions["webhook_store"].close()
+
+
+def test_after_a_restart_a_pool_full_of_dead_connections_costs_no_request(url: str, postgres: PostgresProcess) -> None:
+    store = PostgresStore(url, pool_size=12)
+    barrier = threading.Barrier(10)
+
+    def hold() -> None:  # ten connections at once: the pool grows to ten
+        with store.checked_out():
+            barrier.wait()
+
+    threads = [threading.Thread(target=hold) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    postgres.restart()
+    time.sleep(IDLE_CHECK_SECONDS + 0.5)
+    started = time.monotonic()
+    assert store.insert_event("particle", None, "e", "d", None, {})[1] is True
+    assert time.monotonic() - started < 1.5
+    store.close()
+
+
+def test_a_migration_may_outlast_the_connections_statement_timeout(
+    postgres: PostgresProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = postgres.new_database()
+    monkeypatch.setitem(CONNECTION_SETTINGS, "options", "-c statement_timeout=1s -c lock_timeout=1s")
+    monkeypatch.setattr(postgres_store, "POSTGRES_MIGRATIONS", (*POSTGRES_MIGRATIONS, "SELECT pg_sleep(1.5)"))
+    store = PostgresStore(url)
+    assert store.ping()
+    assert store.connection().execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == 2
+    store.close()
+    postgres.drop(url)
+
+
+def test_a_worker_finding_another_dispatching_goes_on_without_waiting(url: str, tmp_path: Path) -> None:
+    queue = _queue(url, tmp_path, ALERT_COOLDOWN_SECONDS="0")
+    queue.store.insert_event("particle", None, "e", "d", None, {})
+    with psycopg.connect(url) as other:  # another worker's dispatch, in progress
+        other.execute("SELECT pg_advisory_xact_lock(%s, hashtext('cooldowns'))", (NAMED_LOCKS,))
+        started = time.monotonic()
+        assert queue.dispatch() == 0 and queue.close_windows() == 0
+        assert time.monotonic() - started < 0.5
+    assert queue.dispatch() == 1
+
+
+@pytest.mark.parametrize(
+    "password",
+    ["Sup3r/SecretPw", "Sup3r@SecretPw", "Sup3r:Secret/Pw"],
+)
+def test_an_unencoded_password_is_refused_and_never_shown(tmp_path: Path, password: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(base_settings(tmp_path, DATABASE_URL=f"postgresql://app:{password}@127.0.0.1:5432/wh"))
+    assert "DATABASE_URL" in str(refused.value)
+    assert not any(piece in str(refused.value) for piece in ("Sup3r", "Secret", "Pw"))

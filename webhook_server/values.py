@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import zoneinfo
+from typing import Any
 
 import psycopg
 from limits import parse_many
@@ -153,10 +154,26 @@ def database_url(value: str) -> str:
     if not value.startswith(("postgresql://", "postgres://")):
         raise ValueError("not a PostgreSQL URL")
     try:
-        conninfo_to_dict(value)
+        parts = conninfo_to_dict(value)
     except psycopg.Error:
+        parts = None
+    if parts is None or not _plain_parts(parts):
         raise ValueError("not a URL libpq can read: percent-encode @ : / % [ ] in the password") from None
     return value
+
+
+def _plain_parts(parts: dict[str, Any]) -> bool:
+    """Whether host, port and database look like themselves: an unencoded / or @ in a password
+    makes libpq read part of it as one of them (port "Sup3r"), and they are shown in places."""
+    ports = str(parts.get("port") or "5432").split(",")
+    hosts = str(parts.get("host") or "localhost").split(",")
+    database = str(parts.get("dbname") or "")
+    return (
+        all(port.isdigit() for port in ports)
+        and all("@" not in host and (host.startswith("/") or "/" not in host) for host in hosts)
+        and "@" not in database
+        and "/" not in database
+    )
 
 
 def redis_url(value: str) -> str:

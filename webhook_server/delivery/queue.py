@@ -67,7 +67,8 @@ class DeliveryQueue:
         if conn.execute("SELECT 1 FROM events WHERE dispatched = 0 LIMIT 1").fetchone() is None:
             return 0
         with self.store.transaction() as conn:
-            self.store.serialize(conn, "cooldowns")  # one worker at a time: windows see events in order
+            if not self.store.take_turn(conn, "cooldowns"):  # one worker at a time: windows see events in order
+                return 0
             rows = conn.execute(
                 "SELECT * FROM events WHERE dispatched = 0 ORDER BY id LIMIT ?", (DISPATCH_BATCH,)
             ).fetchall()
@@ -95,7 +96,8 @@ class DeliveryQueue:
         if conn.execute("SELECT 1 FROM cooldowns WHERE closes_at <= ? LIMIT 1", (now,)).fetchone() is None:
             return 0
         with self.store.transaction() as conn:
-            self.store.serialize(conn, "cooldowns")
+            if not self.store.take_turn(conn, "cooldowns"):
+                return 0
             return self.cooldowns.close_ended(conn, now)
 
     def add_deliveries(

@@ -246,6 +246,7 @@ class Worker:
 
     def _loop(self, stop: Stopper) -> None:
         next_housekeeping = time.monotonic() + FIRST_HOUSEKEEPING_SECONDS
+        failing = False  # said in the log once a failure begins, and once it ends: not each pass
         while not stop.is_set():
             self._last_pass = time.monotonic()
             try:
@@ -256,8 +257,13 @@ class Worker:
                     more = self.housekeeping()
                     next_housekeeping = time.monotonic() + (CATCH_UP_SECONDS if more else HOUSEKEEPING_SECONDS)
             except STORE_ERRORS as exc:
-                log.error("store error in worker: %s", exc)
-                busy = 0
+                if not failing:
+                    log.error("store error in worker: %s; trying again each pass", exc)
+                failing, busy = True, 0
+            else:
+                if failing:
+                    log.warning("the store answers the worker again")
+                failing = False
             if not busy:
                 self._idle(stop)
 

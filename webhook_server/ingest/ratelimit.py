@@ -26,6 +26,7 @@ from webhook_server.store.counters import StoreCounters, increment
 log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "webhook_limiter"
+FAILURE_LOG_SECONDS = 60.0
 
 
 def _refusal(item: RateLimitItem, reset_at: float) -> RateLimited:
@@ -117,6 +118,7 @@ class RateLimits:
         # own transaction, and `check` only reads.
         self.counted_with_event = isinstance(storage, StoreCounters)
         self._parsed: dict[str, list[RateLimitItem]] = {}
+        self._quiet_until = 0.0
 
     def items(self, limit: str) -> list[RateLimitItem]:
         """The limit string parsed once, smallest window first (as flask-limiter orders them)."""
@@ -139,10 +141,19 @@ class RateLimits:
                 hit.count()
         except RateLimited:
             raise
-        except Exception:
+        except Exception as exc:
             hit.counted = True  # not again, in the event's transaction
-            log.warning("rate limit storage failed; letting the request through", exc_info=True)
+            self._said_failing(exc)
         return hit
+
+    def _said_failing(self, exc: Exception) -> None:
+        """Say that the counters failed at most once a minute (per process): an outage of Redis
+        or of the store would otherwise write a traceback for every request."""
+        now = time.monotonic()
+        if now < self._quiet_until:
+            return
+        self._quiet_until = now + FAILURE_LOG_SECONDS
+        log.warning("rate limit storage failed (%s: %s); letting requests through", type(exc).__name__, exc)
 
     def _refuse_when_full(self, hit: Hit) -> None:
         """Only read (store counters): an accepted request is counted with its event, and one

@@ -9,6 +9,8 @@ resumes from its last id, out of the store.
 
 In SQLite the writes are serialized and an event's id is taken inside its transaction, so ids
 commit in order: reading `id > last` can never skip an event that commits later with a smaller id.
+PostgreSQL gives ids under a lock that each group commit holds until it ends (store.postgres),
+with the same effect across replicas.
 """
 
 from __future__ import annotations

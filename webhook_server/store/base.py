@@ -150,9 +150,12 @@ class EventStore:
         """The newest event id ever given, kept or not (0 for none)."""
         raise NotImplementedError
 
-    def serialize(self, conn: Connection, name: str) -> None:
-        """Hold `name` until `conn`'s transaction ends, against every other process (SQLite's
-        BEGIN IMMEDIATE already makes every write transaction wait for the one before)."""
+    def take_turn(self, conn: Connection, name: str) -> bool:
+        """Whether `conn`'s transaction may do the work called `name`, which one process at a time
+        does (turning events into deliveries, a roll-up, retention): False while another
+        process's transaction does it, which then does it for both. SQLite's BEGIN IMMEDIATE
+        already makes each write transaction wait for the one before."""
+        return True
 
     def checkpoint(self, force: bool = False) -> None:
         """Whatever the database needs now and then from a long-running process (SQLite: its WAL)."""

@@ -22,27 +22,31 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import lru_cache
 from typing import Any
 
 import psycopg
 from psycopg import pq
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from webhook_server.store.base import INSERT_EVENT, Connection, EventStore
 from webhook_server.store.group import GroupWriter, _Write, all_or_nothing
 from webhook_server.store.schema import POSTGRES_MIGRATIONS
 
 log = logging.getLogger(__name__)
+# psycopg_pool warns at each failed reconnection, several times a second while the database is
+# away; the store says it once (`checked_out`).
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 # pg_advisory_xact_lock keys: any two numbers no other program on the database uses.
 EVENT_ORDER_LOCK = 0x5745_4231  # "WEB1"
 MIGRATION_LOCK = 0x5745_4232
-NAMED_LOCKS = 0x5745_4233  # with hashtext(name): `serialize`
+NAMED_LOCKS = 0x5745_4233  # with hashtext(name): `take_turn`
 POOL_WAIT_SECONDS = 3  # for a free connection, or a new one: then the web answers 503
 RECONNECT_SECONDS = 5.0
 IDLE_CHECK_SECONDS = 2.0  # a connection idle longer is checked before use (the server may have restarted)
+BREAKER_SECONDS = 1.0  # after a checkout waited POOL_WAIT_SECONDS in vain, others fail at once
 
 
 @lru_cache(maxsize=512)
@@ -91,12 +95,27 @@ def mark_used(raw: psycopg.Connection[Any]) -> None:
     raw._webhook_used_at = time.monotonic()  # type: ignore[attr-defined]
 
 
-def check_if_idle(raw: psycopg.Connection[Any]) -> None:
-    """Called by the pool before it hands a connection out: one that sat idle is asked a
-    round trip first, and replaced when it broke (a restarted server). A busy one is not asked,
-    so the way in pays nothing for it under load."""
-    if time.monotonic() - getattr(raw, "_webhook_used_at", 0.0) > IDLE_CHECK_SECONDS:
+def answers_after_idle(raw: psycopg.Connection[Any]) -> bool:
+    """False for a connection that sat idle and no longer answers (the server restarted since).
+    One that was used a moment ago is not asked: the way in pays nothing for this under load."""
+    if time.monotonic() - getattr(raw, "_webhook_used_at", 0.0) <= IDLE_CHECK_SECONDS:
+        return True
+    try:
         raw.execute("")
+    except psycopg.OperationalError:
+        return False
+    return True
+
+
+class StoreAway(psycopg.OperationalError):
+    """Raised at once, without asking the database, while it did not answer a moment ago."""
+
+
+class _ServerRestarted(Exception):
+    pass
+
+
+Checkout = Callable[[], AbstractContextManager[psycopg.Connection[Any]]]
 
 
 class PgConnection:
@@ -141,16 +160,16 @@ class PooledStatements:
 
     in_transaction = False
 
-    def __init__(self, pool: ConnectionPool[Any]) -> None:
-        self.pool = pool
+    def __init__(self, checkout: Checkout) -> None:
+        self.checkout = checkout
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Fetched:
-        with self.pool.connection() as raw:
+        with self.checkout() as raw:
             cursor = raw.execute(to_postgres(sql), parameters)
             return Fetched(cursor.fetchall() if cursor.description else [], cursor.rowcount)
 
     def executemany(self, sql: str, parameters: Any, /) -> Fetched:
-        with self.pool.connection() as raw, raw.transaction():
+        with self.checkout() as raw, raw.transaction():
             cursor = raw.cursor()
             cursor.executemany(to_postgres(sql), list(parameters))
             return Fetched([], cursor.rowcount)
@@ -165,9 +184,9 @@ class PgGroupWriter(GroupWriter):
     database's (a rate-limit refusal) keeps what its write did; a lost connection fails the group.
     """
 
-    def __init__(self, pool: Callable[[], ConnectionPool[Any]]) -> None:
+    def __init__(self, checkout: Checkout) -> None:
         super().__init__(lambda: None, None)  # type: ignore[arg-type, return-value]
-        self._pool = pool
+        self._checkout = checkout
 
     def _commit(self, batch: list[_Write]) -> None:
         pending = list(batch)
@@ -179,7 +198,7 @@ class PgGroupWriter(GroupWriter):
         """Run the writes in one transaction: None once it committed, or the write whose
         statement the database refused (nothing of this attempt is stored then)."""
         failed: _Write | None = None
-        with self._pool().connection() as raw:
+        with self._checkout() as raw:
             try:
                 with raw.transaction():
                     conn = PgConnection(raw)
@@ -204,6 +223,10 @@ class PgGroupWriter(GroupWriter):
 def migrate(raw: psycopg.Connection[Any]) -> int:
     """Apply the migrations this database lacks, one process at a time; returns its version."""
     with raw.transaction():
+        # Not the connections' bounds: a migration may build an index for minutes, and the
+        # other replicas starting meanwhile wait for it rather than give up after 5 s.
+        raw.execute("SET LOCAL statement_timeout = 0")
+        raw.execute("SET LOCAL lock_timeout = '15min'")
         raw.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         raw.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)")
         row = raw.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
@@ -228,7 +251,9 @@ class PostgresStore(EventStore):
         self._pid = 0
         self._migrated = False
         self._lock = threading.Lock()
-        self.writer = PgGroupWriter(self.pool)
+        self._down_until = 0.0
+        self._away = False  # said so in the log; said again once it answers
+        self.writer = PgGroupWriter(self.checked_out)
         try:
             self.pool()
         except psycopg.OperationalError as exc:
@@ -260,7 +285,6 @@ class PostgresStore(EventStore):
                     # outage of a minute was followed by a minute of 503s. Given up after this
                     # long, the next request starts afresh.
                     reconnect_timeout=RECONNECT_SECONDS,
-                    check=check_if_idle,
                     reset=mark_used,
                     name="webhook-store",
                     open=True,
@@ -268,12 +292,46 @@ class PostgresStore(EventStore):
                 self._pid = os.getpid()
             return self._pool
 
+    @contextmanager
+    def checked_out(self) -> Iterator[psycopg.Connection[Any]]:
+        """A connection of the pool, for one statement or one transaction.
+
+        While the database is away every checkout would wait POOL_WAIT_SECONDS (a request's rate
+        limit, its event and its audit record: three waits): for BREAKER_SECONDS after one
+        such wait, checkouts fail at once. A connection found dead after sitting idle means the
+        server restarted: every idle one is checked then, at once (psycopg_pool's own check
+        paused longer after each dead one, and a pool of 20 took 18 s of 503s)."""
+        if time.monotonic() < self._down_until:
+            raise StoreAway("the store did not answer a moment ago")
+        try:
+            pool = self.pool()
+            with pool.connection() as raw:
+                self._answered()
+                if not answers_after_idle(raw):
+                    raise _ServerRestarted
+                yield raw
+        except _ServerRestarted:
+            pool.check()
+            with pool.connection() as raw:
+                yield raw
+        except PoolTimeout as exc:
+            self._down_until = time.monotonic() + BREAKER_SECONDS
+            if not self._away:
+                self._away = True
+                log.warning("store: PostgreSQL does not answer (%s); answering 503 until it does", exc)
+            raise
+
+    def _answered(self) -> None:
+        if self._away:
+            self._away = False
+            log.warning("store: PostgreSQL answers again")
+
     def connection(self) -> PooledStatements:
-        return PooledStatements(self.pool())
+        return PooledStatements(self.checked_out)
 
     @contextmanager
     def transaction(self, immediate: bool = True) -> Iterator[PgConnection]:
-        with self.pool().connection() as raw, raw.transaction():
+        with self.checked_out() as raw, raw.transaction():
             yield PgConnection(raw)
 
     def insert_or_find(self, conn: PgConnection, row: tuple[Any, ...]) -> tuple[str, bool]:
@@ -283,8 +341,9 @@ class PostgresStore(EventStore):
     def refused_statement(self, exc: Exception) -> bool:
         return isinstance(exc, psycopg.Error) and not isinstance(exc, psycopg.OperationalError)
 
-    def serialize(self, conn: Connection, name: str) -> None:
-        conn.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))", (NAMED_LOCKS, name))
+    def take_turn(self, conn: Connection, name: str) -> bool:
+        row = conn.execute("SELECT pg_try_advisory_xact_lock(?, hashtext(?))", (NAMED_LOCKS, name)).fetchone()
+        return bool(row[0])
 
     def newest_given(self) -> int:
         row = self.connection().execute("SELECT last_value, is_called FROM events_id_seq").fetchone()
