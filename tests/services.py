@@ -84,9 +84,16 @@ class PostgresProcess:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
-    def _as_postgres(self, *args: str) -> None:
+    def _as_postgres(self, *args: str, check: bool = True) -> None:
         command = list(args) if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--", *args]
-        subprocess.run(command, check=True, capture_output=True, timeout=120)
+        done = subprocess.run(command, capture_output=True, timeout=120, check=False)
+        if check and done.returncode != 0:  # say why: pg_ctl's own words, and the server's log
+            log = (
+                (self.directory / "log").read_text(errors="replace")[-2000:]
+                if (self.directory / "log").exists()
+                else ""
+            )
+            raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stdout!r} {done.stderr!r}\n{log}")
 
     def start(self) -> PostgresProcess:
         if os.geteuid() == 0:
@@ -124,7 +131,8 @@ class PostgresProcess:
     def stop(self) -> None:
         data = str(self.directory / "data")
         try:
-            self._as_postgres(str(self.bin / "pg_ctl"), "-D", data, "stop", "-m", "immediate", "-w")
+            # Not checked: a test that failed while the server was halted must show its own error.
+            self._as_postgres(str(self.bin / "pg_ctl"), "-D", data, "stop", "-m", "immediate", "-w", check=False)
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
 

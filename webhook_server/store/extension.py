@@ -19,8 +19,11 @@ EXTENSION_KEY = "webhook_store"
 event_stored = Namespace().signal("event-stored")
 
 # PostgreSQL connections a process may hold: a web process's request threads share one group
-# writer (one connection) and read a statement at a time; the worker sends up to 8 notifications
-# and each target's 4 forwards at once, each finishing in a short transaction of its own.
+# writer (one connection) and each reads a statement at a time, so a few connections serve all of
+# its GUNICORN_THREADS (64 connections a process would exhaust PostgreSQL's default
+# max_connections of 100 with two of them); the worker sends up to 8 notifications and each
+# target's 4 forwards at once, each finishing in a short transaction of its own.
+WEB_POOL_SIZE = 8
 WORKER_POOL_SIZE = 16
 COMMAND_POOL_SIZE = 2
 
@@ -39,7 +42,7 @@ def open_store(
 
 
 def init_app(app: Flask, database_url: str | None, database_path: Path, web_threads: int) -> EventStore:
-    store = open_store(database_url, database_path, web_threads + 1, web=True)
+    store = open_store(database_url, database_path, min(web_threads + 1, WEB_POOL_SIZE), web=True)
     app.extensions[EXTENSION_KEY] = store
     return store
 
