@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -32,17 +33,6 @@ class Row(Protocol):
     def __getitem__(self, key: int | str, /) -> Any: ...
 
     def keys(self) -> list[str]: ...
-
-
-class Cursor(Protocol):
-    @property
-    def rowcount(self) -> int: ...
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-    def __iter__(self) -> Iterator[Any]: ...
 
 
 class Connection(Protocol):
@@ -79,22 +69,28 @@ INSERT_EVENT = (
     "INSERT INTO events (source, dedupe_key, received_at, event, device, client_ip, payload, body,"
     " content_type, headers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id"
 )
+FIND_EVENT = "SELECT id FROM events WHERE source = ? AND dedupe_key = ?"
 
 
-class EventStore:
-    """The events table's reads, the same SQL on either database; the rest is each store's own."""
+class EventStore(ABC):
+    """The events table's writes and reads, the same SQL on either database; connections,
+    transactions and the newest id given are each store's own."""
 
     kind = "sqlite"  # what /health says
     writer: Writer
     # Appended to a claim's SELECT: workers on several hosts then take different rows.
     skip_locked = ""
+    # Look for a redelivery's dedupe key before its INSERT: PostgreSQL's conflicting INSERT uses up
+    # an id from the sequence (SQLite's does not), and under its event-order lock the look is exact.
+    look_first = False
 
+    @abstractmethod
     def connection(self) -> Connection:
-        raise NotImplementedError
+        """For reads and single statements outside a transaction."""
 
-    def transaction(self, immediate: bool = True) -> AbstractContextManager[Connection]:
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Connection]:
         """A write transaction; committed when the block ends, rolled back when it raises."""
-        raise NotImplementedError
 
     def insert_event(
         self,
@@ -142,13 +138,21 @@ class EventStore:
         hooks never raise such an error: SQLite undoes the failed statement and goes on."""
         return False
 
-    def insert_or_find(self, conn: Any, row: tuple[Any, ...]) -> tuple[str, bool]:
-        """(id, True) for a new event, or (the first one's id, False) when its dedupe key is known."""
-        raise NotImplementedError
+    def insert_or_find(self, conn: Connection, row: tuple[Any, ...]) -> tuple[str, bool]:
+        """(id, True) for a new event, or (the first one's id, False) when its dedupe key is known.
+        The unique index on (source, dedupe key) decides a race; the INSERT never conflicts else."""
+        if self.look_first and row[1] is not None:
+            found = conn.execute(FIND_EVENT, row[:2]).fetchone()
+            if found is not None:
+                return str(found[0]), False
+        inserted = conn.execute(INSERT_EVENT, row).fetchall()
+        if inserted:
+            return str(inserted[0][0]), True
+        return str(conn.execute(FIND_EVENT, row[:2]).fetchone()[0]), False
 
+    @abstractmethod
     def newest_given(self) -> int:
         """The newest event id ever given, kept or not (0 for none)."""
-        raise NotImplementedError
 
     def take_turn(self, conn: Connection, name: str) -> bool:
         """Whether `conn`'s transaction may do the work called `name`, which one process at a time
@@ -157,11 +161,13 @@ class EventStore:
         already makes each write transaction wait for the one before."""
         return True
 
+    @abstractmethod
     def checkpoint(self, force: bool = False) -> None:
         """Whatever the database needs now and then from a long-running process (SQLite: its WAL)."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Close this process's connections."""
 
     def newest_id(self) -> int:
         """The id of the newest event stored (0 for none)."""

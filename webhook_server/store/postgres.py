@@ -30,7 +30,7 @@ import psycopg
 from psycopg import pq
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from webhook_server.store.base import INSERT_EVENT, Connection, EventStore
+from webhook_server.store.base import Connection, EventStore
 from webhook_server.store.group import GroupWriter, _Write, all_or_nothing
 from webhook_server.store.schema import POSTGRES_MIGRATIONS
 
@@ -220,8 +220,8 @@ class PgGroupWriter(GroupWriter):
         return failed
 
 
-def migrate(raw: psycopg.Connection[Any]) -> int:
-    """Apply the migrations this database lacks, one process at a time; returns its version."""
+def migrate(raw: psycopg.Connection[Any]) -> None:
+    """Apply the migrations this database lacks, one process at a time."""
     with raw.transaction():
         # Not the connections' bounds: a migration may build an index for minutes, and the
         # other replicas starting meanwhile wait for it rather than give up after 5 s.
@@ -235,7 +235,6 @@ def migrate(raw: psycopg.Connection[Any]) -> int:
             raw.execute(POSTGRES_MIGRATIONS[version - 1])
             raw.execute("INSERT INTO schema_version VALUES (%s, now())", (version,))
             log.info("store: PostgreSQL schema now at version %s", version)
-    return len(POSTGRES_MIGRATIONS)
 
 
 class PostgresStore(EventStore):
@@ -243,6 +242,7 @@ class PostgresStore(EventStore):
 
     kind = "postgresql"
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    look_first = True  # inside the group writer, which holds EVENT_ORDER_LOCK (see the module's docstring)
 
     def __init__(self, url: str, pool_size: int = 4) -> None:
         self.url = url
@@ -330,13 +330,12 @@ class PostgresStore(EventStore):
         return PooledStatements(self.checked_out)
 
     @contextmanager
-    def transaction(self, immediate: bool = True) -> Iterator[PgConnection]:
+    def transaction(self) -> Iterator[PgConnection]:
         with self.checked_out() as raw, raw.transaction():
             yield PgConnection(raw)
 
-    def insert_or_find(self, conn: PgConnection, row: tuple[Any, ...]) -> tuple[str, bool]:
-        """Run by the group writer, which holds EVENT_ORDER_LOCK (see the module's docstring)."""
-        return insert_in_order(conn, row)
+    def checkpoint(self, force: bool = False) -> None:
+        """Nothing: PostgreSQL checkpoints by itself."""
 
     def refused_statement(self, exc: Exception) -> bool:
         return isinstance(exc, psycopg.Error) and not isinstance(exc, psycopg.OperationalError)
@@ -353,22 +352,3 @@ class PostgresStore(EventStore):
         if self._pool is not None and self._pid == os.getpid():
             self._pool.close()
         self._pool = None
-
-
-def insert_in_order(conn: PgConnection, row: tuple[Any, ...]) -> tuple[str, bool]:
-    """(id, True) for a new event, or (the first one's id, False) for a known dedupe key.
-
-    The unique index decides a race (ON CONFLICT); under the lock a redelivery is found first,
-    so it uses up no id (a conflicting INSERT would take one from the sequence)."""
-    if row[1] is not None:
-        found = conn.execute("SELECT id FROM events WHERE source = ? AND dedupe_key = ?", (row[0], row[1])).fetchone()
-        if found is not None:
-            return str(found[0]), False
-    inserted = conn.execute(INSERT_EVENT, row).fetchall()
-    if inserted:
-        return str(inserted[0][0]), True
-    query = "SELECT id FROM events WHERE source = ? AND dedupe_key = ?"
-    existing = conn.execute(query, (row[0], row[1])).fetchone()
-    if existing is None:  # the conflicting INSERT cannot have rolled back under the lock
-        raise psycopg.errors.UniqueViolation("the event's dedupe key is taken, but by no event")
-    return str(existing[0]), False

@@ -14,9 +14,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
-from webhook_server.store.base import INSERT_EVENT, EventStore
+from webhook_server.store.base import EventStore
 from webhook_server.store.group import Checkpointer, GroupWriter, begin_immediate, write_retrying
 from webhook_server.store.schema import ADDED_COLUMNS, SCHEMA
 
@@ -74,15 +73,6 @@ def _add_columns(conn: sqlite3.Connection) -> None:
         raise
 
 
-def insert_or_find(conn: sqlite3.Connection, row: tuple[Any, ...]) -> tuple[str, bool]:
-    """(id, True) for a new event, or (the first one's id, False) when its dedupe key is known."""
-    inserted = conn.execute(INSERT_EVENT, row).fetchall()
-    if inserted:
-        return str(inserted[0][0]), True
-    existing = conn.execute("SELECT id FROM events WHERE source = ? AND dedupe_key = ?", (row[0], row[1])).fetchone()
-    return str(existing[0]), False
-
-
 class Store(EventStore):
     """Connections to one SQLite database, one per thread and process."""
 
@@ -108,22 +98,16 @@ class Store(EventStore):
         return conn
 
     @contextmanager
-    def transaction(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction: BEGIN IMMEDIATE takes the write lock up front, so no deadlock."""
         conn = self.connection()
-        if immediate:
-            begin_immediate(conn)  # another process's write: retried in short steps
-        else:
-            conn.execute("BEGIN")
+        begin_immediate(conn)  # another process's write: retried in short steps
         try:
             yield conn
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-
-    def insert_or_find(self, conn: sqlite3.Connection, row: tuple[Any, ...]) -> tuple[str, bool]:
-        return insert_or_find(conn, row)
 
     def newest_given(self) -> int:
         row = self.connection().execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'events'")
