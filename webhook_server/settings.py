@@ -180,7 +180,7 @@ SETTINGS: tuple[Setting, ...] = (
         "DATABASE_URL",
         "the store in PostgreSQL instead of SQLite under DATA_DIR, shared by replicas on several hosts",
         parse=v.database_url,
-        expects="a URL starting with postgresql:// or postgres://",
+        expects="a postgresql:// URL libpq can read (percent-encode @ : / % [ ] in the password)",
         secret=True,
         field="database_url",
     ),
