@@ -9,6 +9,7 @@ import hmac
 import io
 import json
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -485,6 +486,22 @@ def test_a_restart_catches_up_what_it_missed_then_goes_live(
     assert second.printed_ids() == ["2", "3", "4", "5"]
 
 
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_signal_ends_it_with_the_position_of_the_last_printed_event(
+    server: StreamServer, state: Path, run_listen: Callable[..., Listen], signum: int, status: int
+) -> None:
+    from_start(state)
+    for _ in range(3):
+        server.add()
+    child = run_listen()
+    child.wait_for_lines(1)
+    child.process.send_signal(signum)
+    assert child.process.wait(timeout=10) == status
+    time.sleep(0.05)  # the reader threads catch up
+    assert saved(state) == child.printed_ids()[-1]
+    assert "Traceback" not in child.stderr
+
+
 def test_a_reset_says_events_were_missed_and_goes_on_from_the_oldest_kept(
     server: StreamServer, state: Path, run_listen: Callable[..., Listen]
 ) -> None:
@@ -587,6 +604,33 @@ def test_forward_retries_the_same_event_with_growing_pauses(state: Path) -> None
     for pause_, nominal in zip(pauses, (0.5, 1, 2, 4), strict=True):
         assert nominal * 0.8 <= pause_ <= nominal * 1.2
     assert not state.exists()
+
+
+class SignalOnPrint(io.StringIO):
+    """Standard output that receives a SIGTERM while an event's line is being printed."""
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            signal.raise_signal(signal.SIGTERM)
+        return super().write(text)
+
+
+def test_a_stop_while_printing_waits_until_the_position_is_saved(state: Path) -> None:
+    listener = Listener(Options("http://127.0.0.1:1", CHANNEL, TOKEN, state=state), SignalOnPrint(), io.StringIO())
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    listener.signals.install()
+    try:
+        with pytest.raises(listen.Stopped) as stopped:
+            listener.message(
+                Message("7", "message", json.dumps({"id": "7", "payload": {}})), Catchup(False, datetime.now(UTC))
+            )
+        assert stopped.value.signum == signal.SIGTERM
+        assert saved(state) == "7"  # printed and saved, then stopped
+        with pytest.raises(listen.Stopped):  # and between events a stop is at once
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
 
 
 def test_bad_urls_are_fatal(state: Path) -> None:

@@ -14,13 +14,16 @@ import http.client
 import json
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any, NoReturn
 from urllib.parse import SplitResult, quote, urlsplit
 
@@ -55,6 +58,47 @@ FATAL_STATUSES = {
 
 class Fatal(Exception):
     """A problem retrying cannot fix: listen stops with exit status 2."""
+
+
+class Stopped(Exception):
+    """A stop signal (Ctrl-C or SIGTERM) arrived; the exit status is 128 + its number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """Turns SIGINT and SIGTERM into Stopped, held back while an event is being recorded.
+
+    Printing an event and saving its position go together: a stop that fell between them would show
+    the event again after a restart, so it waits the few microseconds until the position is saved."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending: int | None = None
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.received)
+
+    def received(self, signum: int, frame: FrameType | None) -> None:
+        if self.holding:
+            self.pending = signum
+        else:
+            raise Stopped(signum)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold a stop back for the block; raise it once the block is done."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            raise Stopped(pending)
 
 
 class Retry(Exception):
@@ -402,6 +446,7 @@ class Listener:
         self.out, self.err, self.sleep = out or sys.stdout, err or sys.stderr, sleep
         self.backoff, self.forward_backoff = Backoff(), Backoff()
         self.connections = 0
+        self.signals = StopSignals()
         split_url(options.url, "--url")
         if options.forward:
             split_url(options.forward, "--forward")
@@ -481,9 +526,10 @@ class Listener:
             return
         self.caught_up(catchup.event(event.get("received_at")), catchup)
         status = self.forward(event, event_id) if self.options.forward else None
-        self.emit(event, status)
-        self.cursor = event_id
-        save_cursor(self.state, self.options, event_id)
+        with self.signals.held():
+            self.emit(event, status)
+            self.cursor = event_id
+            save_cursor(self.state, self.options, event_id)
 
     def emit(self, event: dict[str, Any], status: int | None) -> None:
         """Print the event: a readable line, or its JSON object with --json."""
@@ -515,12 +561,14 @@ class Listener:
 
 
 def main(options: Options) -> int:
-    """Run `listen`; the exit status (2 for what retrying cannot fix, 130 on Ctrl-C)."""
+    """Run `listen`; the exit status (2 for what retrying cannot fix, 130 on Ctrl-C, 143 on SIGTERM)."""
     try:
-        Listener(options).run()
+        listener = Listener(options)
+        listener.signals.install()
+        listener.run()
     except Fatal as exc:
         print(f"webhook-server listen: {exc}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except Stopped as exc:
+        return 128 + exc.signum
     return 0  # pragma: no cover - run() only returns by an exception
